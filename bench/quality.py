@@ -15,6 +15,7 @@ decode positions, greedy next-token agreement with the unmodified model. Last li
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -122,11 +123,29 @@ def describe(p: SelectionParams) -> str:
     return s
 
 
-def evaluate(model, batches, prefill, settings: list[SelectionParams], keep_trace=False):
-    """Base plus each setting; returns (base Result, [Result], base traces, traces per setting)."""
+def numerics_floor(model, batches, prefill, base_argmax) -> Result:
+    """The unmodified model in bf16 against fp32: how much greedy agreement numerics alone cost.
+
+    Servers run bf16, so this is the noise floor the agreement column should be read against.
+    """
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    r, _, _ = run_setting(half, batches, prefill, None, base_argmax)
+    r.name = "base in bf16 (floor)"
+    return r
+
+
+def evaluate(model, batches, prefill, settings: list[SelectionParams], keep_trace=False,
+             floor: bool = False):
+    """Base plus each setting; returns (base Result, [Result], base traces, traces per setting).
+
+    With ``floor``, the first row is the bf16 numerics floor (see ``numerics_floor``).
+    """
     base, base_am, base_tr = run_setting(model, batches, prefill, None, keep_trace=keep_trace)
     base.agree = base.count
     rows, trs = [], []
+    if floor:
+        rows.append(numerics_floor(model, batches, prefill, base_am))
+        trs.append([])
     for p in settings:
         r, _, tr = run_setting(model, batches, prefill, p, base_am, keep_trace=keep_trace)
         rows.append(r)
@@ -180,8 +199,9 @@ def main(argv=None) -> dict:
         if not batches:
             raise SystemExit(f"held-out text too short for batch {B} x seq {args.prefill + args.decode}")
         base, rows, base_tr, trs = evaluate(model, batches, args.prefill, settings,
-                                            keep_trace=bool(args.save_traces))
+                                            keep_trace=bool(args.save_traces), floor=True)
         print_table(B, base, rows)
+        floor_row, rows, trs = rows[0], rows[1:], trs[1:]
         d = rows[budgets.index(DEFAULT.budget)] if DEFAULT.budget in budgets else rows[0]
         summary[B] = {
             "batch": B,
@@ -194,6 +214,8 @@ def main(argv=None) -> dict:
             "ppl_rel_increase": round(d.ppl / base.ppl - 1, 5),
             "agreement": round(d.agree / d.count, 5),
             "decode_tokens": base.count,
+            "agreement_bf16_floor": round(floor_row.agree / floor_row.count, 5),
+            "ppl_rel_increase_bf16_floor": round(floor_row.ppl / base.ppl - 1, 5),
             "curve": [
                 {"setting": r.name, "distinct": round(r.distinct, 3),
                  "expert_reduction": round(1 - r.distinct / base.distinct, 4),

@@ -1,0 +1,256 @@
+"""Which serving configurations the plugin supports, checked before any weight is loaded.
+
+``problems(cfg, facts)`` is a pure function over ``ServingFacts``, so the launcher (from the raw
+flags, some facts still unknown) and the model-load hook (from the resolved server config and the
+model's config) share one rule set. Unknown facts (None) are not judged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from lynx_sglang.config import LynxConfig
+
+# Model architectures whose MoE blocks route through SGLang's TopK + FusedMoE the standard way.
+SUPPORTED_ARCHITECTURES = {
+    "MixtralForCausalLM": "Mixtral",
+    "Qwen3MoeForCausalLM": "Qwen3-MoE",
+    "Qwen2MoeForCausalLM": "Qwen2-MoE",
+    "OlmoeForCausalLM": "OLMoE",
+}
+SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
+SUPPORTED_RUNNERS = ("auto", "triton")
+
+SUPPORTED = (
+    "lynx-sglang supports unquantised bf16/fp16 MoE on the triton MoE runner "
+    f"({', '.join(SUPPORTED_ARCHITECTURES.values())}), single data-parallel rank, "
+    "no expert parallelism, no speculative decoding, no torch.compile; "
+    "offload also needs --tp-size 1, real weights, top_k <= --lynx-slots <= experts, and "
+    "--disable-cuda-graph with --lynx-executor eager"
+)
+
+
+class UnsupportedConfig(RuntimeError):
+    """The server or model configuration is outside what the plugin supports (one line)."""
+
+
+@dataclass(frozen=True)
+class ServingFacts:
+    """What the checks need to know about the server and the model; None means not known yet."""
+
+    tp_size: Optional[int] = None
+    ep_size: Optional[int] = None
+    dp_size: Optional[int] = None
+    pp_size: Optional[int] = None
+    quantization: Optional[str] = None
+    moe_runner_backend: Optional[str] = None
+    moe_a2a_backend: Optional[str] = None
+    load_format: Optional[str] = None
+    decode_graphs: Optional[bool] = None  # decode steps may run in a captured CUDA graph
+    prefill_graphs: Optional[bool] = None  # prefill/extend steps may run in a CUDA graph
+    torch_compile: Optional[bool] = None
+    speculative: Optional[bool] = None
+    paged_experts: Optional[bool] = None
+    ktransformers: Optional[bool] = None
+    eplb: Optional[bool] = None
+    architecture: Optional[str] = None
+    dtype: Optional[str] = None
+    top_k: Optional[int] = None
+    num_experts: Optional[int] = None
+
+
+def problems(cfg: LynxConfig, facts: ServingFacts) -> list[str]:
+    """Every reason ``cfg`` cannot run under ``facts`` (empty when it can, or mode is off)."""
+    if cfg.mode == "off":
+        return []
+    out: list[str] = []
+    f = facts
+    if f.architecture is not None and f.architecture not in SUPPORTED_ARCHITECTURES:
+        out.append(f"model architecture {f.architecture} is not supported")
+    if f.quantization not in (None, "", "none"):
+        out.append(f"quantization {f.quantization} is not supported")
+    if f.dtype is not None and f.dtype not in SUPPORTED_DTYPES:
+        out.append(f"dtype {f.dtype} is not supported")
+    if f.moe_runner_backend is not None and f.moe_runner_backend not in SUPPORTED_RUNNERS:
+        out.append(f"--moe-runner-backend {f.moe_runner_backend} is not supported (use triton)")
+    if f.moe_a2a_backend not in (None, "none"):
+        out.append(f"--moe-a2a-backend {f.moe_a2a_backend} is not supported")
+    if (f.ep_size or 1) > 1:
+        out.append("expert parallelism (--ep-size > 1) is not supported")
+    if (f.dp_size or 1) > 1:
+        out.append("data parallelism (--dp-size / --attn-dp-size > 1) is not supported")
+    if (f.pp_size or 1) > 1:
+        out.append("pipeline parallelism (--pp-size > 1) is not supported")
+    if f.speculative:
+        out.append("speculative decoding is not supported")
+    if f.torch_compile:
+        out.append("--enable-torch-compile is not supported")
+    if f.eplb:
+        out.append("--enable-eplb is not supported")
+    if f.ktransformers:
+        out.append("KTransformers expert offload (--kt-*) is not supported")
+    if f.top_k is not None and f.top_k < 1:
+        out.append(f"router top-k {f.top_k} is invalid")
+    if cfg.offload_on:
+        out.extend(_offload_problems(cfg, f))
+    return out
+
+
+def _offload_problems(cfg: LynxConfig, f: ServingFacts) -> list[str]:
+    out: list[str] = []
+    if f.paged_experts:
+        out.append(
+            f"--lynx-mode {cfg.mode} cannot be combined with --enable-paged-experts "
+            "(two expert caches); use --lynx-mode lynx on top of paged experts"
+        )
+    if (f.tp_size or 1) > 1:
+        out.append("offload needs a single GPU (--tp-size 1)")
+    if f.load_format == "dummy":
+        out.append("--load-format dummy cannot be offloaded: the host store needs real weights")
+    if f.top_k is not None and cfg.slots and cfg.slots < f.top_k:
+        out.append(f"--lynx-slots {cfg.slots} is below the router's top-k ({f.top_k})")
+    if cfg.executor == "eager" and (f.decode_graphs or f.prefill_graphs):
+        out.append(
+            "--lynx-executor eager plans expert copies on the host and cannot run inside a "
+            "CUDA graph: add --disable-cuda-graph"
+        )
+    if cfg.executor == "graph" and f.num_experts is not None and 0 < cfg.slots < f.num_experts:
+        out.append(
+            "--lynx-executor graph serves only steps whose experts fit the free slots, which "
+            "prefill batches do not: use --lynx-executor eager with --disable-cuda-graph "
+            "(or --lynx-slots 0, all experts resident)"
+        )
+    return out
+
+
+def check(cfg: LynxConfig, facts: ServingFacts) -> None:
+    """Raise ``UnsupportedConfig`` naming every problem and what is supported."""
+    found = problems(cfg, facts)
+    if found:
+        raise UnsupportedConfig(
+            f"lynx-sglang --lynx-mode {cfg.mode}: " + "; ".join(found) + f". {SUPPORTED}."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Facts from SGLang objects (duck-typed: only attribute reads, so these stay import-free).
+# ---------------------------------------------------------------------------------------------
+
+
+def facts_from_server_args(args: Any, resolved: bool = False) -> ServingFacts:
+    """Facts from ``ServerArgs`` flags. Raw flags (``resolved=False``, the launcher) only say for
+    sure that graphs are off; a resolved view (SGLang's ``resolving_view``) says either way."""
+    graphs = getattr(args, "cuda_graph_config", None)
+    if resolved and graphs is not None:
+        decode_graphs: Optional[bool] = graphs.decode.backend != "disabled"
+        prefill_graphs: Optional[bool] = graphs.prefill.backend != "disabled"
+    else:
+        decode_off = bool(
+            args.disable_cuda_graph
+            or args.disable_decode_cuda_graph
+            or args.cuda_graph_backend_decode == "disabled"
+        )
+        prefill_off = bool(
+            args.disable_cuda_graph
+            or args.disable_prefill_cuda_graph
+            or args.cuda_graph_backend_prefill == "disabled"
+        )
+        decode_graphs = False if decode_off and graphs is None else None
+        prefill_graphs = False if prefill_off and graphs is None else None
+    return ServingFacts(
+        tp_size=args.tp_size,
+        ep_size=args.ep_size,
+        dp_size=max(args.dp_size or 1, getattr(args, "attn_dp_size", 1) or 1),
+        pp_size=args.pp_size,
+        quantization=args.quantization,
+        moe_runner_backend=_plain(args.moe_runner_backend),
+        moe_a2a_backend=_plain(args.moe_a2a_backend),
+        load_format=_plain(args.load_format),
+        decode_graphs=decode_graphs,
+        prefill_graphs=prefill_graphs,
+        torch_compile=args.enable_torch_compile,
+        speculative=args.speculative_algorithm is not None,
+        paged_experts=args.enable_paged_experts,
+        ktransformers=args.kt_weight_path is not None,
+        eplb=args.enable_eplb,
+    )
+
+
+def with_hf_config(facts: ServingFacts, hf_config: Any) -> ServingFacts:
+    """``facts`` plus what the model's Hugging Face config says (architecture, experts, top-k,
+    a checkpoint quantisation)."""
+    architectures = getattr(hf_config, "architectures", None) or [None]
+    quant = getattr(hf_config, "quantization_config", None)
+    if isinstance(quant, dict):
+        quant = quant.get("quant_method") or "quantised checkpoint"
+    elif quant is not None:
+        quant = getattr(quant, "quant_method", None) or "quantised checkpoint"
+    return dataclasses.replace(
+        facts,
+        architecture=architectures[0],
+        top_k=getattr(hf_config, "num_experts_per_tok", None),
+        num_experts=num_experts_of(hf_config),
+        quantization=facts.quantization or quant,
+    )
+
+
+def moe_layer_ids(hf_config: Any) -> tuple[int, ...]:
+    """Decoder layers with a routed-expert MLP (Qwen's mlp_only_layers / decoder_sparse_step)."""
+    num_layers = hf_config.num_hidden_layers
+    dense = set(getattr(hf_config, "mlp_only_layers", None) or ())
+    step = getattr(hf_config, "decoder_sparse_step", 1) or 1
+    return tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
+
+
+def num_experts_of(hf_config: Any) -> Optional[int]:
+    """Routed experts per layer (Mixtral: num_local_experts; Qwen/OLMoE: num_experts)."""
+    for name in ("num_local_experts", "num_experts"):
+        value = getattr(hf_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def facts_from_model_runner(runner: Any) -> ServingFacts:
+    """Facts from a ``ModelRunner`` about to load its model: the resolved server config (read
+    through SGLang's runtime context) plus the model's Hugging Face config."""
+    from sglang.srt.model_executor.cuda_graph_config import (
+        Backend,
+        Phase,
+        check_cuda_graph_backend,
+    )
+    from sglang.srt.runtime_context import get_exec, get_model, get_parallel, get_spec
+
+    par, moe, graph = get_parallel(), get_exec().moe, get_exec().graph
+    model_config = runner.model_config
+    published = graph.cuda_graph_config is not None
+    facts = ServingFacts(
+        tp_size=par.tp_size,
+        ep_size=par.moe_ep_size,
+        dp_size=max(par.dp_size, par.attn_dp_size),
+        pp_size=par.pp_size,
+        quantization=getattr(model_config, "quantization", None) or get_model().quantization,
+        moe_runner_backend=_plain(moe.moe_runner_backend),
+        moe_a2a_backend=_plain(moe.moe_a2a_backend),
+        load_format=_plain(get_model().load_format),
+        decode_graphs=(
+            not check_cuda_graph_backend(Phase.DECODE, Backend.DISABLED) if published else None
+        ),
+        prefill_graphs=(
+            not check_cuda_graph_backend(Phase.PREFILL, Backend.DISABLED) if published else None
+        ),
+        torch_compile=graph.enable_torch_compile,
+        speculative=get_spec().speculative_algorithm is not None or runner.is_draft_worker,
+        paged_experts=moe.enable_paged_experts,
+        ktransformers=moe.kt_weight_path is not None,
+        eplb=moe.enable_eplb,
+        dtype=str(model_config.dtype).removeprefix("torch."),
+    )
+    return with_hf_config(facts, model_config.hf_config)
+
+
+def _plain(value: Any) -> Optional[str]:
+    """An enum's value or the string itself (SGLang stores some choices as enums)."""
+    return None if value is None else str(getattr(value, "value", value))

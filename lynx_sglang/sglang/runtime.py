@@ -1,0 +1,201 @@
+"""The plugin's state in one SGLang worker process: config, the forward step, stats, the cache.
+
+One ``LynxRuntime`` per process, created by the model-load hook (``activate``) and read by the
+other hooks (``active``); this module's ``_ACTIVE`` slot is the plugin's only mutable global.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional, Union
+
+import torch
+
+from lynx_sglang.config import LynxConfig
+from lynx_sglang.selection import SelectionParams, distinct_experts
+from lynx_sglang.sglang.checks import moe_layer_ids, num_experts_of
+
+NumValid = Union[None, int, torch.Tensor]
+
+
+class Step(NamedTuple):
+    """The forward pass now running: a pure decode batch or not, and its real row count
+    (an int in eager mode, a 0-dim device tensor under CUDA-graph capture, None: all rows)."""
+
+    decode: bool = False
+    num_valid: NumValid = None
+
+
+NOT_DECODE = Step()
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The shapes of the model's routed experts, read once from its Hugging Face config."""
+
+    num_experts: int  # E
+    top_k: int  # k
+    hidden_size: int  # H
+    intermediate_size: int  # I (per expert)
+    moe_layer_ids: tuple[int, ...]  # decoder layers that have routed experts
+    dtype: torch.dtype
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any, dtype: torch.dtype) -> ModelFacts:
+        """Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE config fields."""
+        inter = getattr(hf_config, "moe_intermediate_size", None) or hf_config.intermediate_size
+        return cls(
+            num_experts=num_experts_of(hf_config),
+            top_k=hf_config.num_experts_per_tok,
+            hidden_size=hf_config.hidden_size,
+            intermediate_size=inter,
+            moe_layer_ids=moe_layer_ids(hf_config),
+            dtype=dtype,
+        )
+
+
+class SelectionStats:
+    """Per-layer device counters of selection (no host sync in a step): [L, 3] int64 of
+    (decode steps, distinct experts before selection, distinct experts after)."""
+
+    FIELDS = ("steps", "distinct_before", "distinct_after")
+
+    def __init__(self, num_layers: int, num_experts: int, device: torch.device) -> None:
+        self.num_experts = num_experts
+        self.table = torch.zeros(num_layers, len(self.FIELDS), dtype=torch.int64, device=device)
+        self.one = torch.ones((), dtype=torch.int64, device=device)
+
+    def record(
+        self, layer: int, ids_before: torch.Tensor, ids_after: torch.Tensor, num_valid: NumValid
+    ) -> None:
+        """Add one step of ``layer`` (ids: [T, k]; padding rows excluded)."""
+        before = distinct_experts(ids_before, self.num_experts, num_valid)
+        after = distinct_experts(ids_after, self.num_experts, num_valid)
+        self.table[layer] += torch.stack([self.one, before, after])
+
+    def read(self, reset: bool = True) -> dict:
+        """Totals over layers, with per-step averages (one device read)."""
+        total = self.table.sum(0).tolist()
+        if reset:
+            self.table.zero_()
+        steps, before, after = total
+        return {
+            "steps": steps,
+            "distinct_before": before / steps if steps else 0.0,
+            "distinct_after": after / steps if steps else 0.0,
+        }
+
+
+class LynxRuntime:
+    """Config, step state, selection and (with offload) the host store plus GPU expert cache."""
+
+    def __init__(
+        self, cfg: LynxConfig, model: ModelFacts, device: torch.device, stats: bool = False
+    ) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.device = torch.device(device)
+        self.step = NOT_DECODE
+        # MoE decoder layer id -> dense index into the store / cache / stats ([L] tables).
+        self.layer_index = {lid: i for i, lid in enumerate(model.moe_layer_ids)}
+        num_layers = len(model.moe_layer_ids)
+        self.params = SelectionParams.from_config(cfg) if cfg.selection_on else None
+        self.stats = (
+            SelectionStats(num_layers, model.num_experts, self.device)
+            if stats and cfg.selection_on
+            else None
+        )
+        # The real row count of a captured decode graph, written before every replay.
+        self.graph_rows = torch.zeros((), dtype=torch.int32, device=self.device)
+        self.reporter: Any = None  # metrics.Reporter, ticked after every forward
+        self.cache = _build_cache(cfg, model, self.device, num_layers) if cfg.offload_on else None
+
+    # ------------------------------------------------------------------ steps
+    @contextlib.contextmanager
+    def scope(self, step: Step) -> Iterator[Step]:
+        """Run a forward (or a graph capture) as ``step``; restores the previous step after."""
+        prev, self.step = self.step, step
+        try:
+            yield step
+        finally:
+            self.step = prev
+
+    def decode_step(self, rows: int) -> Step:
+        """An eager (or replayed) decode forward of ``rows`` real tokens; also arms the graph
+        buffer, so a replayed graph masks its padding rows."""
+        self.graph_rows.fill_(rows)
+        return Step(decode=True, num_valid=rows)
+
+    def capture_step(self, rows: int) -> Step:
+        """A decode forward being captured: the real count is read from the device buffer."""
+        self.graph_rows.fill_(rows)
+        return Step(decode=True, num_valid=self.graph_rows)
+
+    # ------------------------------------------------------------------ layers
+    def index(self, layer_id: int) -> int:
+        """Dense MoE-layer index of a decoder layer id."""
+        try:
+            return self.layer_index[layer_id]
+        except KeyError:
+            raise RuntimeError(
+                f"lynx-sglang: layer {layer_id} has routed experts but the model config lists "
+                f"MoE layers {list(self.layer_index)}"
+            ) from None
+
+    # ------------------------------------------------------------------ counters
+    def read_counters(self, reset: bool = True) -> dict:
+        """{"selection": {...}, "cache": {...}} (a device read: call between steps)."""
+        out: dict = {}
+        if self.stats is not None:
+            out["selection"] = self.stats.read(reset)
+        if self.cache is not None:
+            out["cache"] = self.cache.counters(reset)["total"]
+        return out
+
+
+def _build_cache(cfg: LynxConfig, model: ModelFacts, device: torch.device, num_layers: int):
+    """Pinned host store for every expert of every MoE layer, and the GPU slot cache over it."""
+    from lynx_sglang.offload.cache import ExpertCache
+    from lynx_sglang.offload.store import HostExpertStore
+
+    H, inter = model.hidden_size, model.intermediate_size
+    store = HostExpertStore(
+        num_layers,
+        model.num_experts,
+        tensor_shapes={"w13": (2 * inter, H), "w2": (H, inter)},
+        dtype=model.dtype,
+        pin=device.type == "cuda",
+        headroom_gib=cfg.host_headroom_gib,
+    )
+    return ExpertCache.from_config(store, cfg, device, model.top_k)
+
+
+# ---------------------------------------------------------------------------------------------
+# The process's active runtime.
+# ---------------------------------------------------------------------------------------------
+
+_ACTIVE: Optional[LynxRuntime] = None
+
+
+def active() -> Optional[LynxRuntime]:
+    """The runtime of this process, or None when the plugin is off here."""
+    return _ACTIVE
+
+
+def activate(runtime: Optional[LynxRuntime]) -> Optional[LynxRuntime]:
+    """Make ``runtime`` the active one (None: off); returns the previous one."""
+    global _ACTIVE
+    prev, _ACTIVE = _ACTIVE, runtime
+    return prev
+
+
+@contextlib.contextmanager
+def activated(runtime: Optional[LynxRuntime]) -> Iterator[Optional[LynxRuntime]]:
+    """Scope ``runtime`` as the active one (tests, and model load)."""
+    prev = activate(runtime)
+    try:
+        yield runtime
+    finally:
+        activate(prev)

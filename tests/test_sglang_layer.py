@@ -1,0 +1,310 @@
+"""Our hooks inside SGLang's real TopK + FusedMoE on CPU, with one layer of the shipped model
+(random weights of its shapes until it is trained): off is stock, offload is exact, lynx equals
+the reference policy, and prefill is never touched."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import pytest
+import torch
+
+from lynx_sglang import SHIPPED_MODEL
+from lynx_sglang.config import LynxConfig
+from lynx_sglang.moe import fused_moe_ref
+from lynx_sglang.selection import SelectionParams, distinct_experts, select_experts_ref
+
+pytest.importorskip("sglang")
+
+from lynx_sglang.sglang import plugin  # noqa: E402
+from lynx_sglang.sglang.runtime import (  # noqa: E402
+    NOT_DECODE,
+    LynxRuntime,
+    ModelFacts,
+    activated,
+)
+
+LAYER = 0
+TOKENS = 16  # T: a decode batch of 16 requests
+
+
+@pytest.fixture(scope="module")
+def sglang_layers():
+    """SGLang's runtime context for building layers on CPU, with our hooks installed."""
+    from sglang.srt.runtime_context import reset_context
+    from sglang.srt.server_args import ServerArgs
+    from sglang.test.parallel_groups import publish
+
+    reset_context()
+    publish(ServerArgs(model_path="dummy"), role="test")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LYNX_MODE", "off")  # register() acts only when LYNX_* settings exist
+        plugin.install()
+    assert not plugin.missing_hooks()
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+    from sglang.srt.layers.moe.topk import TopK
+
+    return FusedMoE, TopK
+
+
+@pytest.fixture(scope="module")
+def weights():
+    """One MoE layer: router [E, H] and per-expert w1/w3 [E, I, H], w2 [E, H, I] (float32)."""
+    if (SHIPPED_MODEL / "model.safetensors").exists():
+        return checkpoint_layer(SHIPPED_MODEL, LAYER)
+    # the shipped model's shapes: 64 experts top-8, hidden 192, expert width 128
+    E, H, inter = 64, 192, 128
+    g = torch.Generator().manual_seed(0)
+    return {
+        "gate": torch.randn(E, H, generator=g) * 0.3,
+        "w1": torch.randn(E, inter, H, generator=g) * H**-0.5,
+        "w3": torch.randn(E, inter, H, generator=g) * H**-0.5,
+        "w2": torch.randn(E, H, inter, generator=g) * inter**-0.5,
+        "top_k": 8,
+    }
+
+
+def checkpoint_layer(model_dir, layer: int) -> dict:
+    """One layer of a Hugging Face Qwen3-MoE checkpoint (per-expert gate/up/down tensors)."""
+    from safetensors import safe_open
+
+    hf = json.loads((model_dir / "config.json").read_text())
+    prefix = f"model.layers.{layer}.mlp."
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+
+        def stack(proj: str) -> torch.Tensor:
+            names = [f"{prefix}experts.{e}.{proj}.weight" for e in range(hf["num_experts"])]
+            return torch.stack([f.get_tensor(n).float() for n in names])
+
+        return {
+            "gate": f.get_tensor(prefix + "gate.weight").float(),
+            "w1": stack("gate_proj"),
+            "w3": stack("up_proj"),
+            "w2": stack("down_proj"),
+            "top_k": hf["num_experts_per_tok"],
+        }
+
+
+def facts(w: dict) -> ModelFacts:
+    E, inter, H = w["w1"].shape
+    return ModelFacts(E, w["top_k"], H, inter, (LAYER,), torch.float32)
+
+
+def build(sglang_layers, w: dict, runtime: LynxRuntime | None):
+    """A real FusedMoE + TopK built (with ``runtime`` active) and loaded the way SGLang's model
+    loaders do: each expert's checkpoint tensors through the parameter's weight_loader."""
+    FusedMoE, TopK = sglang_layers
+    E, inter, H = w["w1"].shape
+    with activated(runtime):
+        moe = FusedMoE(
+            num_experts=E,
+            hidden_size=H,
+            intermediate_size=inter,
+            top_k=w["top_k"],
+            layer_id=LAYER,
+            params_dtype=torch.float32,
+            prefix="model.layers.0.mlp.experts",
+        )
+        topk = TopK(top_k=w["top_k"], layer_id=LAYER, renormalize=True)
+    for e in range(E):
+        for name, param, shard in (
+            ("w1", moe.w13_weight, "w1"),
+            ("w3", moe.w13_weight, "w3"),
+            ("w2", moe.w2_weight, "w2"),
+        ):
+            pname = "w13_weight" if shard != "w2" else "w2_weight"
+            param.weight_loader(param, w[name][e], f"experts.{pname}", shard_id=shard, expert_id=e)
+    moe.quant_method.process_weights_after_loading(moe)
+    return moe, topk
+
+
+def runtime_for(w: dict, **cfg) -> LynxRuntime:
+    return LynxRuntime(LynxConfig(**cfg), facts(w), torch.device("cpu"), stats=True)
+
+
+def inputs(w: dict, seed: int, tokens: int = TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, w["gate"].shape[1], generator=g)  # [T, H]
+    return x, x @ w["gate"].t()  # router logits [T, E]
+
+
+def reference(w: dict, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    w13 = torch.cat([w["w1"], w["w3"]], dim=1)  # [E, 2I, H]
+    return fused_moe_ref(x, w13, w["w2"], ids, weights)
+
+
+@pytest.fixture(scope="module")
+def stock(sglang_layers, weights):
+    return build(sglang_layers, weights, None)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mode_off_is_stock(sglang_layers, weights, stock):
+    """No runtime (mode off): the hooked TopK returns exactly what the unhooked one does, and the
+    layer keeps SGLang's own quant method."""
+    moe, topk = stock
+    from sglang.srt.layers.moe.topk import TopK
+    from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
+
+    assert type(moe.quant_method) is UnquantizedFusedMoEMethod
+    x, logits = inputs(weights, 1)
+    hooked = topk.forward_native(x, logits)
+    unhooked = inspect.unwrap(TopK.forward_native)(topk, x, logits)
+    assert torch.equal(hooked.topk_ids, unhooked.topk_ids)
+    assert torch.equal(hooked.topk_weights, unhooked.topk_weights)
+    out = moe(x, hooked)
+    ref = reference(weights, x, hooked.topk_ids, hooked.topk_weights)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("slots", [8, 16, 64])
+def test_offload_is_exact(sglang_layers, weights, stock, slots):
+    """K >= top_k slots over the host store: allclose to the fully resident layer, also when the
+    batch needs more distinct experts than K (the step then runs in waves)."""
+    moe_stock, topk = stock
+    runtime = runtime_for(weights, mode="offload", slots=slots, prefetch="off")
+    moe, _ = build(sglang_layers, weights, runtime)
+    from lynx_sglang.sglang.moe_method import OffloadMoEMethod
+
+    assert isinstance(moe.quant_method, OffloadMoEMethod)
+    assert moe.w13_weight.shape[0] == slots  # the GPU holds K slots, not E experts
+    assert moe.w13_weight.data_ptr() == runtime.cache.slot_weights(0)["w13"].data_ptr()
+    torch.testing.assert_close(
+        runtime.cache.store.tensor(0, "w13"), moe_stock.w13_weight.data, atol=0, rtol=0
+    )
+    distinct = []
+    for seed in range(3):
+        x, logits = inputs(weights, seed)
+        routed = topk.forward_native(x, logits)
+        distinct.append(int(distinct_experts(routed.topk_ids, weights["gate"].shape[0])))
+        with runtime.scope(runtime.decode_step(TOKENS)):
+            out = moe(x, routed)
+        torch.testing.assert_close(out, moe_stock(x, routed), atol=2e-5, rtol=1e-4)
+    counters = runtime.cache.counters()["total"]
+    assert counters["steps"] == 3 and counters["misses"] > 0
+    if slots < max(distinct):
+        assert counters["waves"] > counters["steps"]
+
+
+def test_lynx_equals_reference_policy(sglang_layers, weights):
+    """Decode batch: the TopK output is our reference policy on the same router logits, and the
+    layer computes with the selected experts."""
+    runtime = runtime_for(weights, mode="lynx", budget=0.5)
+    moe, topk = build(sglang_layers, weights, runtime)
+    params = SelectionParams.from_config(runtime.cfg)
+    x, logits = inputs(weights, 3)
+    stock_out = topk.forward_native(x, logits)  # not a decode step: untouched
+    with activated(runtime), runtime.scope(runtime.decode_step(TOKENS)):
+        selected = topk.forward_native(x, logits)
+        out = moe(x, selected)
+    ref = select_experts_ref(
+        logits, stock_out.topk_ids, stock_out.topk_weights, params, num_valid=TOKENS
+    )
+    assert torch.equal(selected.topk_ids, ref.topk_ids)
+    torch.testing.assert_close(selected.topk_weights, ref.topk_weights, atol=0, rtol=0)
+    E = weights["gate"].shape[0]
+    assert distinct_experts(ref.topk_ids, E) < distinct_experts(stock_out.topk_ids, E)
+    torch.testing.assert_close(
+        out, reference(weights, x, ref.topk_ids, ref.topk_weights), atol=1e-5, rtol=1e-5
+    )
+    stats = runtime.read_counters()["selection"]
+    assert stats["steps"] == 1 and stats["distinct_after"] < stats["distinct_before"]
+
+
+def test_lynx_masks_graph_padding(sglang_layers, weights):
+    """Under graph capture the real row count is a device tensor; padding rows do not vote."""
+    runtime = runtime_for(weights, mode="lynx", budget=0.5)
+    _, topk = build(sglang_layers, weights, runtime)
+    params = SelectionParams.from_config(runtime.cfg)
+    x, logits = inputs(weights, 4)
+    stock_out = topk.forward_native(x, logits)
+    with activated(runtime), runtime.scope(runtime.capture_step(TOKENS)):
+        runtime.graph_rows.fill_(10)  # what a replay of 10 real requests writes
+        selected = topk.forward_native(x, logits)
+    ref = select_experts_ref(
+        logits, stock_out.topk_ids, stock_out.topk_weights, params, num_valid=torch.tensor(10)
+    )
+    assert torch.equal(selected.topk_ids, ref.topk_ids)
+    unpadded = select_experts_ref(
+        logits[:10], stock_out.topk_ids[:10], stock_out.topk_weights[:10], params
+    )
+    assert torch.equal(selected.topk_ids[:10], unpadded.topk_ids)
+
+
+def test_prefill_and_small_batches_untouched(sglang_layers, weights):
+    """Prefill/extend/mixed (not decode) and decode batches below min_batch pass through."""
+    runtime = runtime_for(weights, mode="lynx+offload", budget=0.5, slots=16, min_batch=4)
+    moe, topk = build(sglang_layers, weights, runtime)
+    x, logits = inputs(weights, 5)
+    stock_out = topk.forward_native(x, logits)
+    with activated(runtime):
+        with runtime.scope(NOT_DECODE):
+            prefill = topk.forward_native(x, logits)
+            out = moe(x, prefill)
+        with runtime.scope(runtime.decode_step(3)):
+            small = topk.forward_native(x[:3], logits[:3])
+    assert torch.equal(prefill.topk_ids, stock_out.topk_ids)
+    assert torch.equal(prefill.topk_weights, stock_out.topk_weights)
+    assert torch.equal(small.topk_ids, stock_out.topk_ids[:3])
+    ref = reference(weights, x, stock_out.topk_ids, stock_out.topk_weights)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_lynx_plus_offload(sglang_layers, weights):
+    """The product: selection shrinks the set, the cache serves it exactly."""
+    runtime = runtime_for(weights, mode="lynx+offload", budget=0.5, slots=16, prefetch="off")
+    moe, topk = build(sglang_layers, weights, runtime)
+    params = SelectionParams.from_config(runtime.cfg)
+    x, logits = inputs(weights, 6)
+    stock_out = topk.forward_native(x, logits)
+    with activated(runtime), runtime.scope(runtime.decode_step(TOKENS)):
+        out = moe(x, topk.forward_native(x, logits))
+    ref = select_experts_ref(
+        logits, stock_out.topk_ids, stock_out.topk_weights, params, num_valid=TOKENS
+    )
+    expected = reference(weights, x, ref.topk_ids, ref.topk_weights)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+    counters = runtime.read_counters()
+    assert counters["cache"]["distinct"] == int(
+        distinct_experts(ref.topk_ids, weights["gate"].shape[0])
+    )
+
+
+def test_forward_modes_map_to_steps(weights):
+    """Only pure decode forwards are decode steps (real rows: one per request); a captured decode
+    graph reads its row count from the device buffer that each decode forward writes."""
+    from types import SimpleNamespace
+
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from lynx_sglang.sglang import hooks
+
+    runtime = runtime_for(weights, mode="lynx")
+    seen = []
+
+    def forward(runner, batch):
+        seen.append(runtime.step)
+
+    runner = SimpleNamespace(is_draft_worker=False)
+    with activated(runtime):
+        for mode in ForwardMode:
+            batch = SimpleNamespace(forward_mode=mode, batch_size=7)
+            hooks.around_forward_raw(forward, runner, batch)
+        graph = SimpleNamespace(
+            model_runner=runner, capture_forward_mode=ForwardMode.DECODE, captured_req_width=1
+        )
+        hooks.around_capture_one_shape(lambda g, size: forward(None, None), graph, 16)
+        verify = SimpleNamespace(
+            **{**vars(graph), "capture_forward_mode": ForwardMode.TARGET_VERIFY}
+        )
+        hooks.around_capture_one_shape(lambda g, size: forward(None, None), verify, 16)
+    by_mode = dict(zip(ForwardMode, seen))
+    assert by_mode.pop(ForwardMode.DECODE) == (True, 7)
+    assert all(step == NOT_DECODE for step in by_mode.values())
+    captured, not_captured = seen[len(ForwardMode) :]
+    assert captured.decode and captured.num_valid is runtime.graph_rows
+    assert int(runtime.graph_rows) == 16 and not_captured == NOT_DECODE
+    assert runtime.step == NOT_DECODE  # restored after every scope

@@ -51,8 +51,11 @@ def make_batches(ids: torch.Tensor, batch: int, seq: int, max_batches: int) -> l
 class DecodePolicyHook:
     """Applies the policy to each decode position's B tokens; records distinct-expert counts."""
 
-    def __init__(self, params: Optional[SelectionParams], prefill: int, num_experts: int):
-        self.params, self.prefill, self.E = params, prefill, num_experts
+    def __init__(self, params: Optional[SelectionParams], prefill: int, num_experts: int,
+                 resident: Optional[torch.Tensor] = None):
+        # resident: [D, L, E] bool, the experts on the GPU at each decode step and layer (for
+        # cache-aware selection, as recorded by a cache replay); None: selection sees no cache.
+        self.params, self.prefill, self.E, self.resident = params, prefill, num_experts, resident
         self.distinct: list[torch.Tensor] = []  # per layer: [D] distinct experts per decode step
         self.trace: list[torch.Tensor] = []  # per layer: [D, B, k] decode routing after the policy
 
@@ -61,7 +64,8 @@ class DecodePolicyHook:
         # [B, S, .] -> decode part grouped by step: [D, B, .]
         dl, di, dw = (t[:, P:].transpose(0, 1) for t in (logits, ids, weights))
         if self.params is not None:
-            res = select_experts_ref(dl, di, dw, self.params)
+            res_mask = None if self.resident is None else self.resident[:, layer]  # [D, E]
+            res = select_experts_ref(dl, di, dw, self.params, resident=res_mask)
             di, dw = res.topk_ids, res.topk_weights
             ids = torch.cat([ids[:, :P], di.transpose(0, 1)], dim=1)
             weights = torch.cat([weights[:, :P], dw.transpose(0, 1)], dim=1)
@@ -84,13 +88,16 @@ class Result:
         return math.exp(self.nll_sum / max(self.count, 1))
 
 
-def run_setting(model, batches, prefill, params, base_argmax=None, keep_trace=False):
-    """Forward every batch with the policy; returns (Result, argmax per batch, traces)."""
+def run_setting(model, batches, prefill, params, base_argmax=None, keep_trace=False,
+                residents=None):
+    """Forward every batch with the policy; returns (Result, argmax per batch, traces).
+
+    residents: per batch, [D, L, E] resident masks for cache-aware selection (or None)."""
     E = model.config.num_experts
     nll, cnt, agree, dsum, dn = 0.0, 0, 0, 0.0, 0
     argmaxes, traces = [], []
     for b, x in enumerate(batches):
-        hook = DecodePolicyHook(params, prefill, E)
+        hook = DecodePolicyHook(params, prefill, E, None if residents is None else residents[b])
         with torch.no_grad():
             logits = model(x, hook=hook).logits[:, prefill:-1]  # predicts x[:, prefill+1:]
         tgt = x[:, prefill + 1 :]

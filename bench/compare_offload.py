@@ -1,0 +1,769 @@
+"""Lynx + expert cache vs offloading alone, on the same model, prompts and GPU expert budget.
+
+    python -m bench.compare_offload [--quick] [--batches 1,4,16,32,64] [--k-fractions 0.25,0.5]
+
+Systems, at each batch size B and each K (GPU slots per MoE layer, a fraction of E):
+  resident          every expert on the GPU (the speed ceiling)
+  offload (ours)    the expert cache, selection off, at its best eviction x prefetch (baseline)
+  offload: peers    SGLang --enable-paged-experts, HF accelerate CPU offload (GPU only)
+  lynx              batch-aware selection, every expert resident
+  lynx+offload      the product: selection in front of the cache, with and without cache-aware
+                    selection (+aware) and cross-layer prefetch (+prefetch), each at its best
+                    eviction; at the primary K also at the other --budgets ("b=0.9")
+The product at a batch size is its fastest row within bench/quality.py's goal.
+
+Routing: the shipped model runs held-out text as batched teacher-forced decode (bench/quality.py
+machinery); each decode step's router logits and top-k of the unmodified model are recorded, and
+every system replays them step by step, layer by layer, through the real policy and the real
+cache (cache-aware selection sees the cache's resident mask at that layer and step). The routing
+therefore comes from the base model's hidden states; the quality cost of each setting comes from
+bench/quality.py's measurement, which propagates the changed routing through the model.
+
+Times: on a GPU every time is measured (CUDA events, warm-up, median of repeats, same run) over
+the traced model's MoE layers at the chosen expert size. On a CPU-only machine the counters
+(distinct experts, hits, misses, prefetches, bytes) are exact and every time is projected from
+them with the model in bench/projection.py, labelled "projected"; peers that cannot run on a CPU
+are shown as "needs GPU". Other expert sizes reuse the same counters (labelled). Per row:
+decode_ms_per_step is each sequence's time per token, ms_per_token the step over B. The
+"temporal" prefetch mode copies nothing with per-layer slot pools (the previous step's experts
+of a layer are still resident), so it is not swept by default. Last stdout line: JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import quality
+from bench.compare_report import plot, print_report
+from bench.projection import SHAPES, Hardware, Shape, layer_seconds, step_seconds
+from lynx_sglang import SHIPPED_MODEL
+from lynx_sglang.model.qwen3_moe import MoEModel, experts_forward
+from lynx_sglang.offload import ExpertCache, HostExpertStore
+from lynx_sglang.selection.policy import SelectionParams, select_experts, select_experts_ref
+
+RESULTS = Path(__file__).parent / "results"
+QUALITY_GOAL = {"ppl_rel_increase": 0.005, "agreement": 0.99}  # bench/quality.py's goal
+SPEEDUP_GOAL = {"batches": [16, 32], "speedup": 2.0}
+OURS = "offload (ours)"
+SGLANG_PEER = "offload: sglang paged experts"
+ACCEL_PEER = "offload: accelerate cpu offload"
+PRODUCT = "lynx+offload"
+VARIANTS = {  # name -> (cache-aware selection, prefetch)
+    "lynx+offload": (False, False),
+    "lynx+offload +aware": (True, False),
+    "lynx+offload +prefetch": (False, True),
+    "lynx+offload +aware +prefetch": (True, True),
+}
+QUICK = dict(prefill=24, decode=16, warmup=4, max_batches=1, k_fractions="0.25,0.5",
+             evictions="lfu,score", prefetches="cross-layer", budgets="")  # fmt: skip
+SGLANG_HINT = (
+    "needs GPU + SGLang server: run `python -m sglang.launch_server --model-path {model} "
+    "--enable-paged-experts --paged-experts-num-resident {K}` and time decode at each batch"
+)
+DISTINCT, HITS, MISSES, PREFETCHED, WAVES = range(5)  # Run.counts columns
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Routing:
+    """Decode routing of the unmodified model: W windows of B sequences, D decode steps each."""
+
+    batches: list[torch.Tensor]  # W x [B, S] token ids
+    logits: torch.Tensor  # [W, D, L, B, E] float32
+    ids: torch.Tensor  # [W, D, L, B, k] int64
+    weights: torch.Tensor  # [W, D, L, B, k] float32
+    hidden: torch.Tensor | None  # [W, D, L, B, H] MoE inputs (cross-layer prefetch, GPU)
+
+    def to(self, device) -> Routing:
+        h = None if self.hidden is None else self.hidden.to(device)
+        t = (self.logits.to(device), self.ids.to(device), self.weights.to(device))
+        return Routing(self.batches, *t, h)
+
+
+class _Recorder:
+    """Routing hook + MoE-input pre-hooks of one forward: keeps the decode positions, by step."""
+
+    def __init__(self, num_layers: int, prefill: int) -> None:
+        self.prefill = prefill
+        self.rec = {n: [None] * num_layers for n in ("logits", "ids", "weights", "hidden")}
+
+    def __call__(self, layer, logits, ids, weights):  # [B, S, .] -> decode part: [D, B, .]
+        for name, t in (("logits", logits), ("ids", ids), ("weights", weights)):
+            self.rec[name][layer] = t[:, self.prefill :].transpose(0, 1)
+        return ids, weights
+
+    def grab(self, layer: int):
+        def pre_hook(module, args):  # args[0]: the MoE input [B, S, H]
+            self.rec["hidden"][layer] = args[0][:, self.prefill :].transpose(0, 1)
+
+        return pre_hook
+
+
+def collect_routing(model: MoEModel, batches: list[torch.Tensor], prefill: int, hidden: bool):
+    """One forward per window; records each layer's decode-step routing (and MoE input)."""
+    names = ["logits", "ids", "weights"] + (["hidden"] if hidden else [])
+    out = {name: [] for name in names}
+    for x in batches:
+        rec = _Recorder(model.config.num_hidden_layers, prefill)
+        mlps = [m.mlp for m in model.layers] if hidden else []
+        handles = [m.register_forward_pre_hook(rec.grab(i)) for i, m in enumerate(mlps)]
+        try:
+            with torch.no_grad():
+                model(x, hook=rec)
+        finally:
+            for h in handles:
+                h.remove()
+        for name in names:
+            out[name].append(torch.stack(rec.rec[name], dim=1))  # [D, L, B, .]
+    st = {name: torch.stack(v) for name, v in out.items()}  # [W, D, L, B, .]
+    ids, w = st["ids"].long(), st["weights"].float()
+    return Routing(batches, st["logits"].float(), ids, w, st.get("hidden"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Replaying the routing through each system
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One system's decode step: selection or not, cache (K slots) or all resident."""
+
+    system: str
+    slots: int | None  # None: every expert resident, no cache
+    lynx: bool = False
+    aware: bool = False
+    eviction: str = "-"
+    prefetch: str = "off"
+    budget: float | None = None  # the selection budget (None: selection off)
+
+
+@dataclass
+class Run:
+    """What one replay produced."""
+
+    setup: Setup
+    counts: np.ndarray  # [N, L, 5] per counted step and layer: DISTINCT, HITS, MISSES, ...
+    resident: torch.Tensor | None  # [W, D, L, E] bool: what cache-aware selection saw
+    step_ms: float | None = None  # measured (GPU): median over repeats of the mean step
+    expert_gpu_bytes: int | None = None  # measured (accelerate peer)
+
+
+@dataclass
+class Gpu:
+    """What a measured (CUDA) replay needs: real-size weights and each step's MoE input."""
+
+    w13: torch.Tensor  # [L, E, 2I, H] bf16, host
+    w2: torch.Tensor  # [L, E, H, I] bf16, host
+    repeats: int
+    x: torch.Tensor | None = None  # [W, D, L, B, H] bf16 on the device (per batch size)
+    _store: HostExpertStore | None = None
+    _resident: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def store(self) -> HostExpertStore:
+        """The pinned host store of every expert, built once, shared by every cache run."""
+        if self._store is None:
+            L, E = self.w13.shape[:2]
+            shapes = {"w13": tuple(self.w13.shape[2:]), "w2": tuple(self.w2.shape[2:])}
+            self._store = HostExpertStore(L, E, shapes, torch.bfloat16, headroom_gib=2.0)
+            for i in range(L):
+                self._store.load_layer(i, {"w13": self.w13[i], "w2": self.w2[i]})
+        return self._store
+
+    def resident(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every expert on the GPU: ([L, E, 2I, H], [L, E, H, I])."""
+        if self._resident is None:
+            self._resident = (self.w13.to(device), self.w2.to(device))
+        return self._resident
+
+
+def make_prefetch_select(cache: ExpertCache, params: SelectionParams, aware: bool):
+    """Predicted routing of the next layer -> the set Lynx would keep (what prefetch copies)."""
+
+    def select(layer: int, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(logits.float(), dim=-1)  # [T, E]
+        w = p.gather(-1, ids.long())
+        res = cache.resident_mask(layer) if aware else None
+        return select_experts(
+            logits, ids, w / w.sum(-1, keepdim=True), params, resident=res
+        ).topk_ids
+
+    return select
+
+
+def replay(R: Routing, setup: Setup, params: SelectionParams, pre: dict, gates, warmup: int,
+           gpu: Gpu | None = None) -> Run:  # fmt: skip
+    """Replay the recorded routing through ``setup``: decode step by step, layer by layer.
+
+    pre: {"lynx": SelectionResult over the whole trace (where selection does not depend on the
+    cache), "base_scores": [W, D, L, E] router scores (score eviction without selection)}.
+    On a GPU each step's MoE layers are also computed and timed; on a CPU only counted.
+    """
+    W, D, L, B, E = R.logits.shape
+    k, dev = R.ids.shape[-1], R.logits.device
+    counts = np.zeros((W * D, L, 5), dtype=np.int64)
+    if setup.slots is None:  # resident: every expert on the GPU, nothing ever moves
+        counts[..., DISTINCT] = counts[..., HITS] = _distinct_of(R, setup, pre)
+        counts[..., WAVES] = 1
+        if gpu is None:
+            return Run(setup, counts[warmup:], None)
+    cache, cross = None, setup.prefetch in ("cross-layer", "both")
+    if setup.slots is not None:  # CPU: tiny experts; hits and misses do not depend on the size
+        store = gpu.store() if gpu else HostExpertStore(L, E, {"w": (4,)}, torch.float32, None, 0)
+        cache = ExpertCache(store, setup.slots, dev, k, setup.eviction, prefetch=setup.prefetch)
+        if cross:
+            for layer in range(L):
+                cache.set_router(layer, gates[layer].to(dev))
+            if setup.lynx:
+                cache.set_prefetch_select(make_prefetch_select(cache, params, setup.aware))
+    seen = torch.zeros(W, D, L, E, dtype=torch.bool) if setup.aware else None
+    times = []
+    for rep in range(gpu.repeats if gpu else 1):
+        events = []
+        for n, (w, d) in enumerate(itertools.product(range(W), range(D))):
+            timed = gpu is not None and n >= warmup
+            if timed:
+                events.append([torch.cuda.Event(enable_timing=True) for _ in range(2)])
+                events[-1][0].record()
+            for layer in range(L):
+                ids, wts = R.ids[w, d, layer], R.weights[w, d, layer]  # [B, k]
+                scores = pre["base_scores"][w, d, layer]  # [E]
+                if setup.lynx and (setup.aware or gpu is not None):  # selection inside the step
+                    res = cache.resident_mask(layer) if setup.aware else None
+                    if setup.aware and rep == 0:
+                        seen[w, d, layer] = res.cpu()
+                    sel = select_experts(R.logits[w, d, layer], ids, wts, params, resident=res)
+                    ids, wts, scores = sel.topk_ids, sel.topk_weights, sel.scores
+                elif setup.lynx:  # the same selection, computed for the whole trace at once
+                    sel = pre["lynx"]
+                    ids, wts = sel.topk_ids[w, d, layer], sel.topk_weights[w, d, layer]
+                    scores = sel.scores[w, d, layer]
+                if cache is None:  # resident, on the GPU
+                    w13, w2 = gpu.resident(dev)
+                    experts_forward(gpu.x[w, d, layer], w13[layer], w2[layer], ids, wts)
+                    continue
+                hidden = R.hidden[w, d, layer] if cross else None
+                score_arg = scores if setup.eviction == "score" else None
+                plan = cache.prepare(layer, ids, score_arg, hidden)
+                if gpu is None:
+                    for _wave in plan:  # a later wave fills its slots when reached
+                        pass
+                else:
+                    _compute(cache, layer, plan, gpu.x[w, d, layer], wts)
+                c = cache.counters(reset=True)["total"]
+                counts[n, layer] = [c[f] for f in ("distinct", "hits", "misses", "prefetch_fills", "waves")]  # fmt: skip
+            if timed:
+                events[-1][1].record()
+        if gpu is not None:
+            torch.cuda.synchronize()
+            times.append(statistics.fmean(s.elapsed_time(e) for s, e in events))
+    return Run(setup, counts[warmup:], seen, statistics.median(times) if times else None)
+
+
+def _compute(cache: ExpertCache, layer: int, plan, x: torch.Tensor, wts: torch.Tensor):
+    """The MoE layer on the cache's slot weights, wave by wave (as ExpertCache.forward does)."""
+    w = cache.slot_weights(layer)  # {"w13": [K, 2I, H], "w2": [K, H, I]}
+    out = None
+    for wave in plan:
+        y = experts_forward(x, w["w13"], w["w2"], wave.slot_ids.long(), wave.weights(wts))
+        out = y.float() if out is None else out + y.float()
+    return out
+
+
+def _distinct_of(R: Routing, setup: Setup, pre: dict) -> np.ndarray:
+    """[W * D, L] distinct experts per step and layer of the routing ``setup`` computes."""
+    ids = pre["lynx"].topk_ids if setup.lynx else R.ids  # [W, D, L, B, k]
+    W, D, L, B, k = ids.shape
+    E = R.logits.shape[-1]
+    hit = torch.zeros(W, D, L, E + 1, dtype=torch.bool, device=ids.device)
+    hit.scatter_(-1, ids.reshape(W, D, L, B * k), True)
+    return hit[..., :E].sum(-1).reshape(W * D, L).cpu().numpy()
+
+
+def measure_accelerate(R: Routing, gpu: Gpu, slots: int, warmup: int) -> Run:
+    """HF accelerate's CPU offload of the same expert weights at the same GPU budget (GPU only).
+
+    accelerate places whole modules: the layers that fit ``slots * L`` experts' bytes stay on
+    the GPU, the others stay in host memory and are copied in at every forward (its hooks).
+    """
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    class Experts(torch.nn.Module):
+        def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
+            super().__init__()
+            self.w13 = torch.nn.Parameter(w13, requires_grad=False)  # [E, 2I, H]
+            self.w2 = torch.nn.Parameter(w2, requires_grad=False)  # [E, H, I]
+
+        def forward(self, x, ids, wts):
+            return experts_forward(x, self.w13, self.w2, ids, wts)
+
+    W, D, L, B, E = R.logits.shape
+    layers = torch.nn.ModuleList(Experts(gpu.w13[i], gpu.w2[i]) for i in range(L))
+    budget = slots * L * (gpu.w13[0, 0].numel() + gpu.w2[0, 0].numel()) * 2
+    mem = {0: budget, "cpu": 2 * budget * E // slots}
+    dmap = infer_auto_device_map(layers, max_memory=mem, no_split_module_classes=["Experts"])
+    torch.cuda.empty_cache()
+    base_mem = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    dispatch_model(layers, dmap, main_device=torch.device("cuda", 0))
+    times = []
+    for _ in range(gpu.repeats):
+        events = []
+        for n, (w, d) in enumerate(itertools.product(range(W), range(D))):
+            if n >= warmup:
+                events.append([torch.cuda.Event(enable_timing=True) for _ in range(2)])
+                events[-1][0].record()
+            for i in range(L):
+                layers[i](gpu.x[w, d, i], R.ids[w, d, i], R.weights[w, d, i])
+            if n >= warmup:
+                events[-1][1].record()
+        torch.cuda.synchronize()
+        times.append(statistics.fmean(s.elapsed_time(e) for s, e in events))
+    offloaded = [i for i in range(L) if dmap.get(str(i), dmap.get("")) in ("cpu", "disk")]
+    setup = Setup(ACCEL_PEER, slots, prefetch=f"device_map: {L - len(offloaded)}/{L} on GPU")
+    counts = np.zeros((W * D, L, 5), dtype=np.int64)
+    counts[..., DISTINCT] = _distinct_of(R, Setup("", None), {})
+    counts[..., HITS] = counts[..., DISTINCT]
+    counts[:, offloaded, HITS] = 0
+    counts[:, offloaded, MISSES] = E  # every expert of an offloaded layer moves at every step
+    peak = torch.cuda.max_memory_allocated() - base_mem
+    del layers
+    torch.cuda.empty_cache()
+    return Run(setup, counts[warmup:], None, statistics.median(times), peak)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------------------------
+
+
+def step_ms(run: Run, batch: int, top_k: int, shape: Shape, hw: Hardware) -> float:
+    """Mean decode-step time: measured if the run was timed, else projected at ``shape``."""
+    if run.step_ms is not None:
+        return run.step_ms
+    c = run.counts
+    t = layer_seconds(c[..., DISTINCT], c[..., MISSES], c[..., PREFETCHED], batch, top_k, shape, hw)
+    return float(step_seconds(t, shape).mean() * 1e3)
+
+
+def best_run(runs: list[Run], batch: int, top_k: int, shape: Shape, hw: Hardware) -> Run:
+    """The fastest of a sweep (the baselines and the product both run at their best settings)."""
+    return min(runs, key=lambda r: step_ms(r, batch, top_k, shape, hw))
+
+
+def make_row(run: Run, batch: int, top_k: int, E: int, shape: Shape, hw: Hardware, q: dict,
+             sweep: list[Run] | None = None, measured: bool = False) -> dict:  # fmt: skip
+    """One system x batch x K row; bytes and times at ``shape`` (its expert size and depth)."""
+    c, s = run.counts, run.setup
+    eb, steps = shape.expert_bytes, c.shape[0]
+    demand = c[..., HITS].sum() + c[..., MISSES].sum()
+    moved = (c[..., MISSES].sum() + c[..., PREFETCHED].sum()) * shape.layers / c.shape[1]
+    ms = step_ms(run, batch, top_k, shape, hw)
+    slots = s.slots if s.slots is not None else E
+    row = {
+        "system": s.system, "batch": batch, "slots": slots, "k_fraction": round(slots / E, 4),
+        "eviction": s.eviction, "prefetch": s.prefetch, "cache_aware": s.aware,
+        "selection": s.lynx, "budget": s.budget, "shape": shape.name,
+        "distinct_per_layer_step": round(float(c[..., DISTINCT].mean()), 3),
+        "hit_rate": round(float(c[..., HITS].sum() / demand), 4) if demand else 1.0,
+        "misses_per_layer_step": round(float(c[..., MISSES].mean()), 3),
+        "prefetched_per_layer_step": round(float(c[..., PREFETCHED].mean()), 3),
+        "h2d_bytes_per_token": round(float(moved * eb / (steps * batch)), 1),
+        "decode_ms_per_step": round(ms, 4),
+        "ms_per_token": round(ms / batch, 5),
+        "tokens_per_s": round(batch / ms * 1e3, 1),
+        "time_source": "measured" if measured else "projected",
+        "expert_gpu_bytes": run.expert_gpu_bytes or slots * eb * shape.layers,
+        **q,
+        "status": "ok",
+    }  # fmt: skip
+    if sweep:  # every setting tried, fastest first
+        keys = ("eviction", "prefetch", "tokens_per_s", "hit_rate", "h2d_bytes_per_token")
+        tried = [make_row(r, batch, top_k, E, shape, hw, q, None, measured) for r in sweep]
+        row["swept"] = sorted(({k: t[k] for k in keys} for t in tried), key=lambda d: -d["tokens_per_s"])  # fmt: skip
+    return row
+
+
+def peer_row(system: str, batch: int, slots: int, E: int, shape: Shape, status: str) -> dict:
+    """A peer that did not run here: no numbers, only why."""
+    none = ("distinct_per_layer_step", "hit_rate", "misses_per_layer_step", "budget",
+            "prefetched_per_layer_step", "h2d_bytes_per_token", "decode_ms_per_step",
+            "ms_per_token", "tokens_per_s", "time_source", "expert_gpu_bytes",
+            "ppl_rel_increase", "agreement")  # fmt: skip
+    row = dict.fromkeys(none)
+    row.update(system=system, batch=batch, slots=slots, k_fraction=round(slots / E, 4),
+               eviction="-", prefetch="-", cache_aware=False, selection=False, shape=shape.name,
+               quality_source="exact (no selection)", status=status)  # fmt: skip
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Quality
+# ---------------------------------------------------------------------------------------------
+
+
+def quality_cost(r: quality.Result | None, base: quality.Result, source: str) -> dict:
+    """The quality columns of a row (selection off: the cache is exact, nothing changes)."""
+    if r is None:
+        return {"ppl_rel_increase": 0.0, "agreement": 1.0, "quality_source": source}
+    return {"ppl_rel_increase": round(r.ppl / base.ppl - 1, 5),
+            "agreement": round(r.agree / r.count, 5), "quality_source": source}  # fmt: skip
+
+
+def quality_with_resident(model: MoEModel, batches: list[torch.Tensor], prefill: int,
+                          params: SelectionParams, resident: torch.Tensor,
+                          base_argmax: list[torch.Tensor]) -> quality.Result:  # fmt: skip
+    """bench/quality.py's measurement for cache-aware selection: each decode step's selection
+    sees the resident mask the cache replay recorded at that step and layer ([W, D, L, E])."""
+    r, _, _ = quality.run_setting(model, batches, prefill, params, base_argmax, residents=resident)
+    return r
+
+
+def meets_goal(row: dict) -> bool:
+    return (row["ppl_rel_increase"] is not None
+            and row["ppl_rel_increase"] <= QUALITY_GOAL["ppl_rel_increase"]
+            and row["agreement"] >= QUALITY_GOAL["agreement"])  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add = ap.add_argument
+    add("--model", default=str(SHIPPED_MODEL))
+    add("--quick", action="store_true", help="a small slice: under a minute on 2 CPU cores")
+    add("--batches", default="1,4,16,32,64")
+    add("--k-fractions", default="0.25,0.5,0.75", help="K (slots per layer) as fractions of E")
+    add("--primary-k", type=float, default=0.5, help="K fraction of the headline speedup")
+    add("--prefill", type=int, default=64)
+    add("--decode", type=int, default=64, help="decode steps per window")
+    add("--warmup", type=int, default=8, help="first decode steps not counted (cache warm-up)")
+    add("--max-batches", type=int, default=2, help="windows of B sequences per batch size")
+    add("--evictions", default="lru,lfu,score")
+    add("--prefetches", default="cross-layer", help="prefetch modes swept besides off")
+    add("--budget", type=float, default=quality.DEFAULT.budget, help="the Lynx budget")
+    add("--budgets", default="0.8,0.9,0.95", help="more budgets for lynx+offload at the primary K")
+    add("--cache-bonus", type=float, default=0.3, help="cache-aware selection's resident bonus")
+    add(
+        "--shape",
+        default="qwen3-30b-a3b",
+        choices=["shipped", *SHAPES],
+        help="expert size of the rows (CPU: projected; GPU: random weights of this size)",
+    )
+    add("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add("--repeats", type=int, default=3, help="GPU: timed repeats (median)")
+    add("--name", default="", help="output name (default compare_offload[_quick])")
+    add("--out-dir", default=str(RESULTS))
+    add("--no-plot", action="store_true")
+    if ap.parse_known_args(argv)[0].quick:  # the preset; explicit flags still win
+        ap.set_defaults(**QUICK)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    t0 = time.time()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: bookkeeping, not math (and a shared 2-core machine)
+    try:
+        torch.manual_seed(0)
+        bench = Bench(args, t0)
+        for B in bench.batches:
+            bench.run_batch(B)
+        return bench.finish()
+    finally:
+        torch.set_num_threads(threads)
+
+
+class Bench:
+    """One comparison: the model, the knobs, and the rows gathered batch size by batch size."""
+
+    def __init__(self, args: argparse.Namespace, t0: float) -> None:
+        self.args, self.t0, self.hw = args, t0, Hardware()
+        self.model_dir = Path(args.model)
+        if not (self.model_dir / "model.safetensors").exists():
+            raise SystemExit(
+                f"{self.model_dir}: no model.safetensors (python -m bench.train_model)"
+            )
+        self.model = model = MoEModel.from_pretrained(self.model_dir)
+        c = model.config
+        L, E, k = self.L, self.E, self.k = c.num_hidden_layers, c.num_experts, c.num_experts_per_tok
+        self.gates = [model.expert_weights(i)[0] for i in range(L)]  # routers [E, H]
+        self.shipped = Shape("shipped", c.hidden_size, c.moe_intermediate_size, L, E, k)
+        self.shape = self.shipped if args.shape == "shipped" else SHAPES[args.shape]
+        self.measured = torch.cuda.is_available() and args.device != "cpu"
+        if args.device == "cuda" and not self.measured:
+            raise SystemExit("--device cuda: no CUDA device here")
+        self.device = torch.device("cuda" if self.measured else "cpu")
+        self.params = replace(quality.DEFAULT, budget=args.budget)
+        self.budgets = [float(b) for b in args.budgets.split(",") if b and float(b) != args.budget]
+        self.batches = [int(b) for b in args.batches.split(",") if b]
+        self.fractions = [float(f) for f in args.k_fractions.split(",") if f]
+        if args.primary_k not in self.fractions:
+            args.primary_k = self.fractions[len(self.fractions) // 2]
+        self.slots_of = {f: max(k, math.ceil(f * E)) for f in self.fractions}
+        self.evictions = [e for e in args.evictions.split(",") if e]
+        self.prefetches = [p for p in args.prefetches.split(",") if p and p != "off"]
+        cross = any(p in ("cross-layer", "both") for p in self.prefetches)
+        self.keep_hidden = cross or (self.measured and args.shape == "shipped")
+        self.heldout = quality.load_heldout_ids(self.model_dir)
+        self.rows: list[dict] = []
+        self.runs: dict[tuple, list[Run]] = {}  # (batch, K fraction, system) -> its sweep
+        hw, cpu = self.hw, platform.processor() or platform.machine()
+        self.device_name = torch.cuda.get_device_name() if self.measured else f"cpu ({cpu})"
+        what = "measured (CUDA events)" if self.measured else f"projected ({hw.describe()})"
+        self.routing_src = (
+            f"{self.model_dir.name}: held-out text, batched teacher-forced decode; routing of the "
+            f"base model (E={E}, top-{k}, {L} layers) replayed through the policy and the cache"
+        )
+        print(f"compare_offload: {self.device_name}; times {what}")
+        print(f"routing: {self.routing_src}")
+        self.gpu = None
+        if self.measured:  # what ran is what is reported: the traced layers at this expert size
+            self.gpu = _gpu_weights(model, self.shape, self.shipped, args.repeats)
+            self.shape = replace(self.shape, name=f"{self.shape.name} x {L} layers", layers=L)
+            src = "the shipped weights" if args.shape == "shipped" else "random bf16 weights"
+            print(f"GPU: {src}, {self.shape.expert_bytes / 1e6:.2f} MB/expert, {E} x {L} layers")
+        else:
+            sh = self.shape
+            scaled = "" if sh is self.shipped else f" (counters of the {L} traced layers, scaled)"
+            print(f"bytes and times at {sh.name}: {sh.expert_bytes / 1e6:.2f} MB/expert, "
+                  f"{sh.layers} layers{scaled}")  # fmt: skip
+
+    def row(self, run: Run, B: int, q: dict, sweep: list[Run] | None = None) -> dict:
+        return make_row(run, B, self.k, self.E, self.shape, self.hw, q, sweep, self.measured)
+
+    def run_batch(self, B: int) -> None:
+        """Every system at batch B and every K: replay, pick the best settings, add the rows."""
+        args, model, P = self.args, self.model, self.args.prefill
+        wins = quality.make_batches(self.heldout, B, P + args.decode, args.max_batches)
+        if not wins:
+            print(f"batch {B}: held-out text too short, skipped")
+            return
+        base, base_am, _ = quality.run_setting(model, wins, P, None)
+        R = collect_routing(model, wins, P, self.keep_hidden)
+        warmup = min(args.warmup, R.ids.shape[0] * R.ids.shape[1] - 1)
+        router_only = replace(self.params, budget=1.0)  # keeps every chosen expert
+        base_scores = select_experts_ref(R.logits, R.ids, R.weights, router_only).scores
+        if self.gpu is not None:
+            R, base_scores = R.to(self.device), base_scores.to(self.device)
+            self.gpu.x = _gpu_x(R, self.gpu, args.shape == "shipped")
+        exact = quality_cost(None, base, "exact (selection off; the cache is lossless)")
+        ctx = dict(B=B, R=R, wins=wins, base=base, base_am=base_am, warmup=warmup)
+        lynx = self.selection(ctx, self.params, base_scores)
+        ctx.update(pre=lynx["pre"], params=self.params)
+        self.rows.append(self.row(self.replay(ctx, Setup("resident", None)), B, exact))
+        lynx_setup = Setup("lynx", None, lynx=True, budget=self.params.budget)
+        self.rows.append(self.row(self.replay(ctx, lynx_setup), B, lynx["q"]))
+        for f in self.fractions:
+            K = self.slots_of[f]
+            modes = ["off", *self.prefetches]
+            sweep = [self.replay(ctx, Setup(OURS, K, eviction=e, prefetch=m))
+                     for e in self.evictions for m in modes]  # fmt: skip
+            self.runs[(B, f, OURS)] = sweep
+            self.rows.append(self.row(best_run(sweep, B, self.k, self.shape, self.hw), B, exact, sweep))  # fmt: skip
+            self.rows += self.peers(ctx, K, exact)
+            self.product_rows(ctx, f, lynx, VARIANTS)
+            if f == args.primary_k:  # the quality vs speed trade-off: other budgets
+                for b in self.budgets:
+                    sel = self.selection(ctx, replace(self.params, budget=b), base_scores)
+                    names = {f"{n} b={b:g}": VARIANTS[n] for n in ("lynx+offload", "lynx+offload +aware")}  # fmt: skip
+                    self.product_rows({**ctx, "pre": sel["pre"], "params": sel["params"]}, f, sel, names)  # fmt: skip
+        print(f"  batch {B}: {len(wins)} window(s) x {R.ids.shape[1]} decode steps, "
+              f"{time.time() - self.t0:.1f} s", flush=True)  # fmt: skip
+
+    def selection(self, ctx: dict, params: SelectionParams, base_scores) -> dict:
+        """A Lynx setting at this batch: its quality (bench/quality.py) and its routing."""
+        R = ctx["R"]
+        lyn, _, _ = quality.run_setting(self.model, ctx["wins"], self.args.prefill, params, ctx["base_am"])  # fmt: skip
+        sel = select_experts_ref(R.logits, R.ids, R.weights, params)
+        q = quality_cost(lyn, ctx["base"], "bench/quality.py at this batch")
+        return {"params": params, "q": q, "pre": {"lynx": sel, "base_scores": base_scores}}
+
+    def replay(self, ctx: dict, setup: Setup, params: SelectionParams | None = None) -> Run:
+        params = params or ctx["params"]
+        return replay(ctx["R"], setup, params, ctx["pre"], self.gates, ctx["warmup"], self.gpu)
+
+    def peers(self, ctx: dict, K: int, exact: dict) -> list[dict]:
+        """SGLang paged experts (needs a server) and accelerate offload (measured on a GPU)."""
+        B, E, shape = ctx["B"], self.E, self.shape
+        out = [peer_row(SGLANG_PEER, B, K, E, shape, SGLANG_HINT.format(model=self.model_dir, K=K))]
+        if self.gpu is None:
+            return out + [peer_row(ACCEL_PEER, B, K, E, shape, "needs GPU")]
+        try:
+            return out + [self.row(measure_accelerate(ctx["R"], self.gpu, K, ctx["warmup"]), B, exact)]  # fmt: skip
+        except Exception as e:  # report, never estimate
+            return out + [peer_row(ACCEL_PEER, B, K, E, shape, f"failed: {type(e).__name__}: {e}")]
+
+    def product_rows(self, ctx: dict, f: float, lynx: dict, variants: dict) -> None:
+        """lynx+offload variants at K: each at its best eviction (and prefetch mode)."""
+        B, K, params = ctx["B"], self.slots_of[f], ctx["params"]
+        aware_params = replace(params, cache_bonus=self.args.cache_bonus)
+        for name, (aware, pf) in variants.items():
+            if pf and not self.prefetches:
+                continue
+            p = aware_params if aware else params
+            modes = self.prefetches if pf else ["off"]
+            sweep = [self.replay(ctx, Setup(name, K, True, aware, e, m, params.budget), p)
+                     for e in self.evictions for m in modes]  # fmt: skip
+            self.runs[(B, f, name)] = sweep
+            best = best_run(sweep, B, self.k, self.shape, self.hw)
+            q = lynx["q"]
+            if aware:
+                r = quality_with_resident(self.model, ctx["wins"], self.args.prefill, p,
+                                          best.resident, ctx["base_am"])  # fmt: skip
+                q = quality_cost(r, ctx["base"], "bench/quality.py measure; selection sees the "
+                                 "resident masks of this replay")  # fmt: skip
+            self.rows.append(self.row(best, B, q, sweep))
+
+    def finish(self) -> dict:
+        """Summary, table, JSON file, plots; returns the result."""
+        args = self.args
+        result = summarise(self)
+        result.update(
+            device=self.device_name, routing=self.routing_src, model=str(self.model_dir),
+            quality_goal=QUALITY_GOAL, seconds=round(time.time() - self.t0, 1),
+            selection={"policy": self.params.policy, "budget": self.params.budget,
+                       "other_budgets": self.budgets, "cache_bonus": args.cache_bonus},
+        )  # fmt: skip
+        print_report(result)
+        name = args.name or ("compare_offload_quick" if args.quick else "compare_offload")
+        path = Path(args.out_dir) / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not args.no_plot:
+            result["plots"] = [Path(p).name for p in plot(result, path, QUALITY_GOAL)]  # beside it
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result))
+        return result
+
+
+def _gpu_weights(model: MoEModel, shape: Shape, shipped: Shape, repeats: int) -> Gpu:
+    """The shipped weights at the shipped size, else random bf16 weights of the real expert size
+    (E and L of the trace: the routing decides which experts a step touches)."""
+    L, E = shipped.layers, shipped.experts
+    if shape is shipped:
+        w = [model.expert_weights(i) for i in range(L)]
+        w13, w2 = (torch.stack([t[j] for t in w]).to(torch.bfloat16) for j in (1, 2))
+        return Gpu(w13, w2, repeats)
+    from lynx_sglang.offload.store import check_host_memory
+
+    check_host_memory(2 * L * E * shape.expert_bytes, 4.0)  # these tensors + the pinned store
+    g = torch.Generator().manual_seed(0)
+    H, inter = shape.hidden, shape.inter
+    w13 = torch.empty(L, E, 2 * inter, H, dtype=torch.bfloat16)
+    w2 = torch.empty(L, E, H, inter, dtype=torch.bfloat16)
+    for i in range(L):  # a layer at a time: the float32 temporaries stay small
+        w13[i] = torch.randn(E, 2 * inter, H, generator=g) * 0.02
+        w2[i] = torch.randn(E, H, inter, generator=g) * 0.02
+    return Gpu(w13, w2, repeats)
+
+
+def _gpu_x(R: Routing, gpu: Gpu, shipped: bool) -> torch.Tensor:
+    """Each step's MoE input: recorded (shipped weights) or random of the experts' width H."""
+    if shipped:
+        return R.hidden.to(torch.bfloat16)
+    W, D, L, B, _ = R.logits.shape
+    H = gpu.w13.shape[-1]
+    return torch.randn(W, D, L, B, H, device=R.logits.device, dtype=torch.bfloat16)
+
+
+def summarise(bench: Bench) -> dict:
+    """Product choice (fastest lynx+offload row within the quality goal), speedups, goal check."""
+    args, k, E, hw = bench.args, bench.k, bench.E, bench.hw
+    ok = [r for r in bench.rows if r["status"] == "ok"]
+    product, speed, speed_any, speed_each, speed_k = {}, {}, {}, {}, {}
+    for f in bench.fractions:
+        speed_k[str(f)] = {}
+        for B in dict.fromkeys(r["batch"] for r in ok):
+            at = [r for r in ok if r["batch"] == B and r["slots"] == bench.slots_of[f]]
+            cands = [r for r in at if r["system"].startswith(PRODUCT)]
+            offl = [r for r in at if r["system"].startswith("offload")]
+            if not cands or not offl:
+                continue
+            p = max([r for r in cands if meets_goal(r)] or cands, key=lambda r: r["tokens_per_s"])
+            ref = max(offl, key=lambda r: r["tokens_per_s"])
+            x = round(p["tokens_per_s"] / ref["tokens_per_s"], 3)
+            speed_k[str(f)][str(B)] = {"speedup": x, "system": p["system"], "meets_quality_goal": meets_goal(p)}  # fmt: skip
+            if f != args.primary_k:
+                continue
+            keys = ("system", "budget", "eviction", "prefetch", "tokens_per_s",
+                    "distinct_per_layer_step", "ppl_rel_increase", "agreement")  # fmt: skip
+            product[str(B)] = {**{k_: p[k_] for k_ in keys}, "meets_quality_goal": meets_goal(p)}
+            speed[str(B)] = x
+            fastest = max(cands, key=lambda r: r["tokens_per_s"])
+            speed_any[str(B)] = {"system": fastest["system"], "agreement": fastest["agreement"],
+                                 "speedup": round(fastest["tokens_per_s"] / ref["tokens_per_s"], 3)}  # fmt: skip
+            speed_each[str(B)] = dict.fromkeys((OURS, SGLANG_PEER, ACCEL_PEER))
+            for r in offl:
+                speed_each[str(B)][r["system"]] = round(p["tokens_per_s"] / r["tokens_per_s"], 3)
+    by_shape = {}
+    if not bench.measured:  # the same counters, projected at every expert size
+        for sh in [bench.shipped, *SHAPES.values()]:
+            entry = {"expert_bytes": sh.expert_bytes, "layers": sh.layers, "speedup": {},
+                     "tokens_per_s": {}}  # fmt: skip
+            for B in map(int, product):
+                at = [r for r in ok if r["batch"] == B and r["slots"] == bench.slots_of[args.primary_k]]  # fmt: skip
+                good = [
+                    r["system"] for r in at if r["system"].startswith(PRODUCT) and meets_goal(r)
+                ]
+                systems = good or [r["system"] for r in at if r["system"].startswith(PRODUCT)]
+                tps = {}
+                for system in [OURS, *systems]:
+                    run = best_run(bench.runs[(B, args.primary_k, system)], B, k, sh, hw)
+                    tps[system] = round(B / step_ms(run, B, k, sh, hw) * 1e3, 1)
+                best = max(systems, key=tps.get)
+                entry["tokens_per_s"][str(B)] = {OURS: tps[OURS], "product": tps[best], "product_system": best}  # fmt: skip
+                entry["speedup"][str(B)] = round(tps[best] / tps[OURS], 3)
+            by_shape[sh.name] = entry
+    goal_b = [str(b) for b in SPEEDUP_GOAL["batches"] if str(b) in speed]
+    met = bool(goal_b) and all(
+        speed[b] >= SPEEDUP_GOAL["speedup"] and product[b]["meets_quality_goal"] for b in goal_b
+    )
+    return {
+        "bench": "compare_offload",
+        "measured": bench.measured,
+        "time_source": "measured" if bench.measured else "projected",
+        "time_fields": ["decode_ms_per_step", "ms_per_token", "tokens_per_s"],
+        "shape": bench.shape.name,
+        "expert_bytes": bench.shape.expert_bytes,
+        "hardware": None if bench.measured else {**hw.as_dict(), "model": "bench/projection.py"},
+        "batches": bench.batches,
+        "k_fractions": bench.fractions,
+        "primary_k_fraction": args.primary_k,
+        "slots": {str(f): K for f, K in bench.slots_of.items()},
+        "num_experts": E,
+        "top_k": k,
+        "decode_steps": args.decode,
+        "warmup_steps": args.warmup,
+        "rows": bench.rows,
+        "product": product,
+        "speedup_lynx_offload_vs_offload": speed,
+        "speedup_vs_each": speed_each,
+        "speedup_by_k": speed_k,
+        "speedup_ignoring_quality": speed_any,
+        "by_shape": by_shape,
+        "goal": {**SPEEDUP_GOAL, "quality": QUALITY_GOAL, "met": met,
+                 "on": "measured" if bench.measured else f"projected at {bench.shape.name}"},
+    }  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The readable side of bench/compare_offload.py: the stdout table and the two plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.projection import Hardware
+
+
+def print_rows(rows: list[dict]) -> None:
+    cols = (f"{'system':<32}{'B':>4}{'K':>4} {'evict':<6}{'prefetch':<12}{'distinct':>9}"
+            f"{'hit%':>7}{'H2D MB/tok':>11}{'ms/step':>9}{'tok/s':>9}{'GPU GB':>8}{'Δppl':>9}"
+            f"{'agree':>8}")  # fmt: skip
+    print(cols)
+    print("-" * len(cols))
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"{r['system']:<32}{r['batch']:>4}{r['slots']:>4}  {r['status']}")
+            continue
+        print(f"{r['system']:<32}{r['batch']:>4}{r['slots']:>4} {r['eviction']:<6}"
+              f"{r['prefetch'][:11]:<12}{r['distinct_per_layer_step']:>9.2f}"
+              f"{100 * r['hit_rate']:>7.1f}{r['h2d_bytes_per_token'] / 1e6:>11.2f}"
+              f"{r['decode_ms_per_step']:>9.2f}{r['tokens_per_s']:>9.0f}"
+              f"{r['expert_gpu_bytes'] / 1e9:>8.2f}{r['ppl_rel_increase']:>+9.4f}"
+              f"{r['agreement']:>8.4f}")  # fmt: skip
+
+
+def print_report(result: dict) -> None:
+    """The rows, the speedups of the product and the goal; times labelled as what they are."""
+    label = "measured" if result["measured"] else "PROJECTED"
+    hw = "" if result["measured"] else f" ({Hardware(**_hw(result)).describe()})"
+    print(f"\nrows at {result['shape']} expert size ({result['expert_bytes'] / 1e6:.2f} MB); "
+          f"times {label}{hw}; counters exact")  # fmt: skip
+    print_rows(result["rows"])
+    kf = result["primary_k_fraction"]
+    print(f"\nthe product (fastest lynx+offload row within the quality goal) over the best "
+          f"offloading-alone row, K={kf:g}·E ({label}):")  # fmt: skip
+    for B, s in result["speedup_lynx_offload_vs_offload"].items():
+        p, fast = result["product"][B], result["speedup_ignoring_quality"][B]
+        miss = "" if p["meets_quality_goal"] else " -- no Lynx setting met the quality goal"
+        print(f"  batch {B:>3}: {s:5.2f}x  {p['system']} ({p['eviction']}/{p['prefetch']}), "
+              f"Δppl {p['ppl_rel_increase']:+.4f}, agreement {p['agreement']:.4f}{miss}; "
+              f"fastest regardless of quality {fast['speedup']:.2f}x "
+              f"(agreement {fast['agreement']:.4f})")  # fmt: skip
+    print("\nthe same, by K (* = no Lynx setting met the quality goal there: fastest shown; the "
+          "other --budgets run at the primary K only):")  # fmt: skip
+    for f, at in result["speedup_by_k"].items():
+        cells = "".join(f"  B={B} {s['speedup']:.2f}{'' if s['meets_quality_goal'] else '*'}"
+                        for B, s in at.items())  # fmt: skip
+        print(f"  K={float(f):g}·E:{cells}")
+    if result["by_shape"]:
+        bs = list(result["speedup_lynx_offload_vs_offload"])
+        print(f"\nthe same counters projected at other expert sizes (product over offload (ours), "
+              f"K={kf:g}·E):")  # fmt: skip
+        print(
+            f"  {'shape':<16}{'MB/expert':>10}{'layers':>7}" + "".join(f"{'B=' + b:>8}" for b in bs)
+        )
+        for name, e in result["by_shape"].items():
+            sp = "".join(f"{e['speedup'][b]:>8.2f}" for b in bs)
+            print(f"  {name:<16}{e['expert_bytes'] / 1e6:>10.2f}{e['layers']:>7}{sp}")
+    g = result["goal"]
+    print(f"\ngoal (>= {g['speedup']}x at batch {g['batches']} within the quality goal "
+          f"{g['quality']}, {g['on']}): {'met' if g['met'] else 'NOT met'}; "
+          f"{result['seconds']} s")  # fmt: skip
+
+
+def _hw(result: dict) -> dict:
+    return {k: v for k, v in result["hardware"].items() if k != "model"}
+
+
+def plot(result: dict, path: Path, goal: dict) -> list[str]:
+    """tokens/s vs batch (one line per system, primary K) and distinct experts vs quality."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    label = "measured" if result["measured"] else "projected"
+    kf = result["primary_k_fraction"]
+    ok = [r for r in result["rows"] if r["status"] == "ok"]
+    rows = [r for r in ok if r["k_fraction"] in (kf, 1.0) and " b=" not in r["system"]]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for system in dict.fromkeys(r["system"] for r in rows):
+        pts = sorted((r["batch"], r["tokens_per_s"]) for r in rows if r["system"] == system)
+        ls = "--" if system in ("resident", "lynx") else "-"
+        ax.plot(*zip(*pts), marker="o", ls=ls, label=system)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("decode batch size")
+    ax.set_ylabel(f"tokens/s ({label})")
+    ax.set_title(f"{result['shape']} experts, K={kf:g}·E slots per layer ({label})", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = [str(path.with_suffix(".png"))]
+    fig.savefig(out[0], dpi=120)
+    plt.close(fig)
+
+    # distinct experts vs quality, per batch: the base model and every selection row
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    qrows = [r for r in ok if r["selection"] or r["system"] == "resident"]
+    for ax, key in zip(axes, ("ppl_rel_increase", "agreement")):
+        for i, B in enumerate(dict.fromkeys(r["batch"] for r in qrows)):
+            at = [r for r in qrows if r["batch"] == B]
+            base = [(r["distinct_per_layer_step"], r[key]) for r in at if not r["selection"]]
+            sel = [(r["distinct_per_layer_step"], r[key]) for r in at if r["selection"]]
+            ax.scatter(*zip(*base), marker="s", color=f"C{i}", s=30, label=f"B={B}")
+            if sel:
+                ax.scatter(*zip(*sel), marker="o", color=f"C{i}", s=14, alpha=0.7)
+        ax.axhline(goal[key], color="r", lw=0.8, ls=":")
+        ax.set_xlabel("distinct experts per layer per step")
+        ax.set_ylabel(f"{key} (goal dotted)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("distinct experts vs quality: squares = base model, dots = Lynx settings "
+                 "(every budget, cache-aware or not)", fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    out.append(str(path.with_name(path.stem + "_quality.png")))
+    fig.savefig(out[1], dpi=120)
+    plt.close(fig)
+    return out

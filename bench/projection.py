@@ -1,0 +1,91 @@
+"""Projected decode time from exact cache counters: the stated model used where no GPU is present.
+
+On a CPU-only machine the cache's counters are exact (real routing through the real cache), but
+nothing there can time PCIe or HBM. This module turns the counters of one MoE layer's step into
+seconds with a declared model, and every number it produces is labelled "projected":
+
+    t_layer = nonmoe                                    attention, norms, router, launches
+            + max(distinct * B_e / HBM, 6 H I T k / FLOPS)   expert reads (roofline)
+            + misses * B_e / PCIe                       demand copies stall the layer
+            + max(0, prefetched * B_e / PCIe - (nonmoe + t_moe))
+                                                        prefetch copies overlap this layer's compute
+                                                        and the next layer's attention; only the
+                                                        excess delays the next layer
+    t_step  = sum over traced layers of t_layer * (layers of the shape / traced layers)
+
+B_e is one expert's bf16 bytes (w13 [2I, H] + w2 [H, I]); T tokens in the decode batch, top-k k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Declared constants: an H100 on a PCIe Gen5 host (stated, not measured here)."""
+
+    pcie_h2d_gbps: float = 50.0  # pinned copy-engine host->device, GB/s
+    hbm_tbps: float = 3.0  # effective HBM read bandwidth, TB/s
+    bf16_tflops: float = 400.0  # effective dense bf16 tensor-core rate, TFLOP/s
+    nonmoe_us_per_layer: float = 30.0  # attention + norms + router + launches of one layer
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (f"H2D {self.pcie_h2d_gbps:g} GB/s, HBM {self.hbm_tbps:g} TB/s, "
+                f"{self.bf16_tflops:g} TFLOP/s, {self.nonmoe_us_per_layer:g} µs non-MoE per layer")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The expert size and depth a projection (or a GPU run with random weights) uses."""
+
+    name: str
+    hidden: int  # H
+    inter: int  # I (per expert)
+    layers: int  # MoE layers of the real model
+    experts: int  # E of the real model (informational: the routing's E is what the cache sees)
+    top_k: int  # k of the real model (informational)
+
+    @property
+    def expert_bytes(self) -> int:
+        """One bf16 expert: w13 [2I, H] + w2 [H, I]."""
+        return 3 * self.hidden * self.inter * 2
+
+
+# Real shapes (H, I and MoE layers from their configs).
+SHAPES = {
+    "mixtral-8x7b": Shape("mixtral-8x7b", 4096, 14336, 32, 8, 2),  # 352 MB / expert
+    "qwen3-30b-a3b": Shape("qwen3-30b-a3b", 2048, 768, 48, 128, 8),  # 9.4 MB
+    "olmoe": Shape("olmoe", 2048, 1024, 16, 64, 8),  # 12.6 MB
+    "gpt-oss-20b": Shape("gpt-oss-20b", 2880, 2880, 24, 32, 4),  # 49.8 MB (bf16)
+}
+
+
+def layer_seconds(
+    distinct: np.ndarray,
+    misses: np.ndarray,
+    prefetched: np.ndarray,
+    tokens: int,
+    top_k: int,
+    shape: Shape,
+    hw: Hardware,
+) -> np.ndarray:
+    """Projected seconds of each MoE layer step; every input is [...] counts per layer step."""
+    eb = shape.expert_bytes
+    pcie, hbm = hw.pcie_h2d_gbps * 1e9, hw.hbm_tbps * 1e12
+    flops = 6.0 * shape.hidden * shape.inter * tokens * top_k
+    fixed = hw.nonmoe_us_per_layer * 1e-6
+    t_moe = np.maximum(distinct * eb / hbm, flops / (hw.bf16_tflops * 1e12))
+    t_demand = misses * eb / pcie
+    excess = np.maximum(0.0, prefetched * eb / pcie - (fixed + t_moe))
+    return fixed + t_moe + t_demand + excess
+
+
+def step_seconds(per_layer: np.ndarray, shape: Shape) -> np.ndarray:
+    """[N, L_traced] layer seconds -> [N] decode-step seconds at the shape's depth."""
+    return per_layer.sum(-1) * shape.layers / per_layer.shape[-1]

@@ -1,0 +1,137 @@
+"""bench/compare_offload.py on a tiny slice of the shipped model: the proof's JSON says what it measured."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench import compare_offload
+from lynx_sglang import SHIPPED_MODEL
+
+pytestmark = pytest.mark.skipif(
+    not (SHIPPED_MODEL / "model.safetensors").exists(), reason="the shipped model is not trained"
+)
+# Two batch sizes, one K, one eviction, a dozen decode steps: the whole pipeline in seconds.
+SLICE = (
+    "--batches 1,16 --k-fractions 0.25 --prefill 16 --decode 12 --warmup 2 --max-batches 1 "
+    "--evictions lru --prefetches cross-layer --budgets= --no-plot --name test"
+).split()
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory) -> tuple[dict, str]:
+    """One CPU run of the slice: (its JSON, its stdout)."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        res = compare_offload.main(
+            SLICE + ["--device", "cpu", "--out-dir", str(tmp_path_factory.mktemp("co"))]
+        )
+    return res, out.getvalue()
+
+
+def rows_of(res: dict, system: str, batch: int) -> list[dict]:
+    return [r for r in res["rows"] if r["system"] == system and r["batch"] == batch]
+
+
+def test_last_stdout_line_is_the_json(result):
+    res, stdout = result
+    last = json.loads(stdout.strip().splitlines()[-1])
+    for key in (
+        "measured",
+        "device",
+        "rows",
+        "speedup_lynx_offload_vs_offload",
+        "hardware",
+        "by_shape",
+    ):
+        assert key in last
+    assert last["rows"] == json.loads(json.dumps(res["rows"]))
+
+
+def test_every_row_has_the_fields_and_cpu_times_are_projected(result):
+    res, _ = result
+    assert res["measured"] is False and res["time_source"] == "projected"
+    assert res["hardware"]["pcie_h2d_gbps"] == 50.0 and res["hardware"]["hbm_tbps"] == 3.0
+    fields = (
+        "distinct_per_layer_step",
+        "hit_rate",
+        "h2d_bytes_per_token",
+        "decode_ms_per_step",
+        "tokens_per_s",
+        "expert_gpu_bytes",
+        "ppl_rel_increase",
+        "agreement",
+    )
+    systems = set()
+    for r in res["rows"]:
+        systems.add(r["system"])
+        assert all(f in r for f in fields)
+        if r["status"] == "ok":
+            assert r["time_source"] == "projected"
+            assert 0.0 <= r["hit_rate"] <= 1.0
+            assert r["tokens_per_s"] > 0 and r["decode_ms_per_step"] > 0
+    assert {
+        "resident",
+        "lynx",
+        "offload (ours)",
+        "lynx+offload",
+        "lynx+offload +aware",
+        "lynx+offload +aware +prefetch",
+    } <= systems
+
+
+def test_peers_are_marked_needs_gpu_never_estimated(result):
+    res, _ = result
+    peers = [
+        r
+        for r in res["rows"]
+        if r["system"] in (compare_offload.SGLANG_PEER, compare_offload.ACCEL_PEER)
+    ]
+    assert peers
+    for r in peers:
+        assert "needs GPU" in r["status"]
+        assert r["tokens_per_s"] is None and r["h2d_bytes_per_token"] is None
+
+
+def test_resident_moves_no_bytes(result):
+    res, _ = result
+    for r in res["rows"]:
+        if r["system"] in ("resident", "lynx"):
+            assert r["h2d_bytes_per_token"] == 0.0 and r["hit_rate"] == 1.0
+
+
+def test_selection_cuts_host_to_gpu_bytes_at_batch_16(result):
+    res, _ = result
+    (lynx,) = rows_of(res, "lynx+offload", 16)  # prefetch off
+    (off,) = rows_of(res, "offload (ours)", 16)
+    same = [s for s in off["swept"] if s["eviction"] == lynx["eviction"] and s["prefetch"] == "off"]
+    assert lynx["slots"] == off["slots"]
+    assert lynx["distinct_per_layer_step"] < off["distinct_per_layer_step"]
+    assert lynx["h2d_bytes_per_token"] <= same[0]["h2d_bytes_per_token"]
+
+
+def test_speedups_keyed_by_batch(result):
+    res, _ = result
+    assert set(res["speedup_lynx_offload_vs_offload"]) == {"1", "16"}
+    assert all(v > 0 for v in res["speedup_lynx_offload_vs_offload"].values())
+    for each in res["speedup_vs_each"].values():
+        assert (
+            each[compare_offload.SGLANG_PEER] is None and each[compare_offload.ACCEL_PEER] is None
+        )
+    for entry in res["by_shape"].values():
+        assert set(entry["speedup"]) == {"1", "16"}
+
+
+@pytest.mark.gpu
+def test_gpu_times_are_measured(tmp_path):
+    res = compare_offload.main(
+        SLICE
+        + ["--device", "cuda", "--shape", "shipped", "--repeats", "1", "--out-dir", str(tmp_path)]
+    )
+    assert res["measured"] is True and torch.cuda.is_available()
+    assert all(r["time_source"] == "measured" for r in res["rows"] if r["status"] == "ok")

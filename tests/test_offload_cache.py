@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from offload_helpers import H, make_store
 
 from lynx_sglang.config import LynxConfig
 from lynx_sglang.moe import fused_moe_ref
-from lynx_sglang.offload import ExpertCache, HostExpertStore
-
-H, INTER = 16, 8  # hidden, intermediate
+from lynx_sglang.offload import ExpertCache
 
 
 @pytest.fixture(autouse=True)
@@ -24,25 +23,6 @@ def _one_thread():
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5), float((out - ref).abs().max())
-
-
-def make_store(num_layers: int = 3, num_experts: int = 12, seed: int = 0):
-    """A float32 store with random experts; returns (store, [(w13 [E, 2I, H], w2 [E, H, I])] per layer)."""
-    g = torch.Generator().manual_seed(seed)
-    store = HostExpertStore(
-        num_layers,
-        num_experts,
-        {"w13": (2 * INTER, H), "w2": (H, INTER)},
-        torch.float32,
-        headroom_gib=0,
-    )
-    weights = []
-    for layer in range(num_layers):
-        w13 = torch.randn(num_experts, 2 * INTER, H, generator=g) / H**0.5
-        w2 = torch.randn(num_experts, H, INTER, generator=g) / INTER**0.5
-        store.load_layer(layer, {"w13": w13, "w2": w2})
-        weights.append((w13, w2))
-    return store, weights
 
 
 def route(g: torch.Generator, tokens: int, num_experts: int, k: int):

@@ -6,12 +6,11 @@ import math
 
 import pytest
 import torch
+from offload_helpers import INTER, H, make_store
 
 from lynx_sglang.kernels.offload_gather import offload_gather, offload_gather_ref
 from lynx_sglang.moe import fused_moe_ref
-from lynx_sglang.offload import ExpertCache, HostExpertStore
-
-H, INTER = 16, 8
+from lynx_sglang.offload import ExpertCache
 
 
 @pytest.fixture(autouse=True)
@@ -21,24 +20,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def make_store(num_layers: int = 2, num_experts: int = 12, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    store = HostExpertStore(
-        num_layers,
-        num_experts,
-        {"w13": (2 * INTER, H), "w2": (H, INTER)},
-        torch.float32,
-        headroom_gib=0,
-    )
-    weights = []
-    for layer in range(num_layers):
-        w13 = torch.randn(num_experts, 2 * INTER, H, generator=g)
-        w2 = torch.randn(num_experts, H, INTER, generator=g)
-        store.load_layer(layer, {"w13": w13, "w2": w2})
-        weights.append((w13, w2))
-    return store, weights
 
 
 def ids(*rows: list[int]) -> torch.Tensor:
@@ -80,7 +61,7 @@ def test_gather_rejects_a_segment_outside_the_block():
 
 # ---------------------------------------------------------------- the graph-safe executor
 def test_graph_executor_runs_the_triton_kernel_exactly():
-    store, weights = make_store()
+    store, weights = make_store(num_layers=2)
     cache = ExpertCache(store, 4, "cpu", 2, executor="graph", gather_backend="triton")
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
@@ -121,7 +102,7 @@ def test_graph_executor_flags_a_step_whose_misses_exceed_free_slots():
 
 @pytest.mark.parametrize("eviction", ["lru", "score"])
 def test_graph_and_eager_executors_make_the_same_decisions(eviction):
-    store, _ = make_store()
+    store, _ = make_store(num_layers=2)
     eager = ExpertCache(store, 4, "cpu", 2, eviction=eviction)
     graph = ExpertCache(store, 4, "cpu", 2, eviction=eviction, executor="graph")
     g = torch.Generator().manual_seed(2)
@@ -156,7 +137,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 @cuda
 def test_uva_gather_reads_pinned_host_memory():
-    store, _ = make_store()
+    store, _ = make_store(num_layers=2)
     assert store.pinned
     src = store.buffer.view(-1, store.block_bytes)
     seg = store.segment("w13")

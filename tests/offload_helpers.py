@@ -1,0 +1,26 @@
+"""Shared builders for the offload tests (imported by test modules; pytest puts tests/ on the path)."""
+
+import torch
+
+from lynx_sglang.offload import HostExpertStore
+
+H, INTER = 16, 8  # hidden, intermediate
+
+
+def make_store(num_layers: int = 3, num_experts: int = 12, seed: int = 0):
+    """A float32 store with random experts; returns (store, [(w13 [E, 2I, H], w2 [E, H, I])] per layer)."""
+    g = torch.Generator().manual_seed(seed)
+    store = HostExpertStore(
+        num_layers,
+        num_experts,
+        {"w13": (2 * INTER, H), "w2": (H, INTER)},
+        torch.float32,
+        headroom_gib=0,
+    )
+    weights = []
+    for layer in range(num_layers):
+        w13 = torch.randn(num_experts, 2 * INTER, H, generator=g) / H**0.5
+        w2 = torch.randn(num_experts, H, INTER, generator=g) / INTER**0.5
+        store.load_layer(layer, {"w13": w13, "w2": w2})
+        weights.append((w13, w2))
+    return store, weights

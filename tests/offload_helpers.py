@@ -1,5 +1,6 @@
 """Shared builders for the offload tests (imported by test modules; pytest puts tests/ on the path)."""
 
+import pytest
 import torch
 
 from lynx_sglang.offload import HostExpertStore
@@ -24,3 +25,14 @@ def make_store(num_layers: int = 3, num_experts: int = 12, seed: int = 0):
         store.load_layer(layer, {"w13": w13, "w2": w2})
         weights.append((w13, w2))
     return store, weights
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids spin contention on a shared 2-core machine.
+
+    Autouse in every test module that imports it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

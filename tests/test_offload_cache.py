@@ -5,20 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from offload_helpers import H, make_store
+from offload_helpers import H, make_store, one_thread  # noqa: F401 (autouse fixture)
 
 from lynx_sglang.config import LynxConfig
 from lynx_sglang.moe import fused_moe_ref
 from lynx_sglang.offload import ExpertCache
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids spin contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:

@@ -6,20 +6,11 @@ import math
 
 import pytest
 import torch
-from offload_helpers import INTER, H, make_store
+from offload_helpers import INTER, H, make_store, one_thread  # noqa: F401 (autouse fixture)
 
 from lynx_sglang.kernels.offload_gather import offload_gather, offload_gather_ref
 from lynx_sglang.moe import fused_moe_ref
 from lynx_sglang.offload import ExpertCache
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids spin contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def ids(*rows: list[int]) -> torch.Tensor:

@@ -7,17 +7,9 @@ import json
 
 import pytest
 import torch
+from offload_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 from bench.cache_trace import load_trace, main, run_trace, synthetic_trace
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids spin contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

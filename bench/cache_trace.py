@@ -24,6 +24,7 @@ import time
 import torch
 
 from lynx_sglang.offload import ExpertCache, HostExpertStore
+from lynx_sglang.step import NOT_DECODE, predict_votes
 
 # One bf16 expert (w13 [2I, H] + w2 [H, I]) of the models we compare against, in bytes.
 MODELS = {
@@ -121,9 +122,13 @@ def run_trace(
                 scores = torch.zeros(num_experts).index_add_(
                     0, ids.reshape(-1).long(), torch.ones(ids.numel())
                 )
-            h = hidden[s, layer].float() if hidden is not None else None
-            for _wave in cache.prepare(layer, ids, scores=scores, hidden=h):
+            votes = None
+            if hidden is not None and cache.predicts(layer):
+                h = hidden[s, layer].float()
+                votes = predict_votes(h, cache.router(layer + 1), k, None, NOT_DECODE)
+            for _wave in cache.prepare(layer, ids, scores, votes):  # counts only: no compute
                 pass
+            cache.prefetch_next(layer)
             if prefetch == "oracle":
                 nl, ns = (layer + 1, s) if layer + 1 < L else (0, s + 1)
                 if ns < S:

@@ -1,6 +1,9 @@
-"""All lynx-sglang knobs in one frozen dataclass, built from CLI flags or ``LYNX_*`` env vars.
+"""All lynx-sglang knobs: one frozen config with a selection section and a cache section.
 
-Validated once at construction; nothing deeper in the package reads the environment.
+Each choice tuple and each default is declared once, here, and the sections are handed to the
+parts that use them (``SelectionParams`` to the policy and its kernels, ``CacheParams`` to the
+expert cache). Settings come from ``--lynx-*`` flags or ``LYNX_SGLANG_*`` environment variables
+(a prefix no other program uses); nothing deeper in the package reads the environment.
 This module imports only the standard library, so the core runs without SGLang.
 """
 
@@ -8,19 +11,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 MODES = ("off", "lynx", "offload", "lynx+offload")
-POLICIES = ("lynx", "oea")
+SELECTION_POLICIES = ("lynx", "oea")
 EVICTIONS = ("lru", "lfu", "score")
 PREFETCHES = ("off", "temporal", "cross-layer", "both")
 EXECUTORS = ("eager", "graph")
 SLOT_POOLS = ("layer", "shared")
 
-ENV_PREFIX = "LYNX_"
+# Our environment variables: LYNX_SGLANG_<FIELD>. Only these are read, and only they turn the
+# plugin on; a variable that merely starts with LYNX_ belongs to someone else.
+ENV_PREFIX = "LYNX_SGLANG_"
+FLAG_PREFIX = "--lynx-"
+# The budget is applied in integer millionths, so ceil(0.6 * 10) is 6 (float32 would say 7).
+BUDGET_SCALE = 1_000_000
 
 
 class ConfigError(ValueError):
@@ -28,13 +37,9 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class LynxConfig:
-    """Every knob of the plugin. Defaults are the recommended setting."""
+class SelectionParams:
+    """Selection section: the batch-aware expert-selection policy (decode batches only)."""
 
-    # What runs: selection only, the expert cache only, both, or nothing.
-    mode: str = "off"
-
-    # --- selection (Lynx policy) ---
     policy: str = "lynx"
     # Fraction of the batch's distinct experts to keep (1.0 keeps all: exact pass-through).
     budget: float = 0.6
@@ -42,8 +47,7 @@ class LynxConfig:
     max_experts: int = 0
     # Each token's top-`protect_top` choices are never moved (OEA: its top-k0).
     protect_top: int = 1
-    # Also protect a token's choices while their cumulative router probability is below this
-    # (0 disables). A confident token (top-1 >= protect_p) protects only its top-1.
+    # Also protect a token's choices while the router mass ranked before them is below this.
     protect_p: float = 0.0
     # Token-confidence bins over the top-1 router probability, and the score weight of the
     # least-confident bin (the most confident bin weighs 1.0; linear in between).
@@ -54,30 +58,8 @@ class LynxConfig:
     # Cache-aware selection: resident experts' scores are multiplied by (1 + cache_bonus).
     cache_bonus: float = 0.0
 
-    # --- expert cache (offload) ---
-    # GPU slots per MoE layer (0: as many as experts, i.e. everything resident).
-    slots: int = 0
-    slot_pool: str = "layer"
-    eviction: str = "lru"
-    lfu_decay: float = 0.9
-    prefetch: str = "both"
-    # Pass the prefetch prediction through the selection policy before copying.
-    prefetch_select: bool = True
-    executor: str = "eager"
-    # Host memory that must stay free after the pinned store is allocated, in GiB.
-    host_headroom_gib: float = 2.0
-
-    # --- observability ---
-    # Seconds between counter log lines in the server (0: off).
-    log_interval: float = 0.0
-
     def __post_init__(self) -> None:
-        _choice("mode", self.mode, MODES)
-        _choice("policy", self.policy, POLICIES)
-        _choice("eviction", self.eviction, EVICTIONS)
-        _choice("prefetch", self.prefetch, PREFETCHES)
-        _choice("executor", self.executor, EXECUTORS)
-        _choice("slot_pool", self.slot_pool, SLOT_POOLS)
+        _choice("policy", self.policy, SELECTION_POLICIES)
         if not 0.0 < self.budget <= 1.0:
             raise ConfigError(f"--lynx-budget must be in (0, 1], got {self.budget}")
         _at_least("max_experts", self.max_experts, 0)
@@ -90,13 +72,108 @@ class LynxConfig:
         _at_least("min_batch", self.min_batch, 1)
         if self.cache_bonus < 0.0:
             raise ConfigError(f"--lynx-cache-bonus must be >= 0, got {self.cache_bonus}")
+
+    @property
+    def budget_ppm(self) -> int:
+        """The budget in millionths (integer arithmetic on device, same in torch and Triton)."""
+        return round(self.budget * BUDGET_SCALE)
+
+    def max_kept(self, top_k: int, rows: int) -> int | None:
+        """An upper bound on a step's distinct experts after selection, for ``rows`` real tokens
+        (None: unbounded by the selection). Protected choices are kept past the cap, so the bound
+        is max(cap, protected choices); OEA keeps each token's protected top-k0 plus k."""
+        protected = rows * min(self.protect_top, top_k)
+        if self.protect_p > 0.0:
+            return None  # protect_p can protect any number of a token's choices
+        if self.policy == "oea":
+            return max(top_k, protected)
+        if self.max_experts <= 0:
+            return None
+        return max(self.max_experts, top_k, protected)
+
+
+@dataclass(frozen=True)
+class CacheParams:
+    """Cache section: the CPU<->GPU expert cache (offload modes)."""
+
+    # GPU slots per MoE layer (0: as many as experts, i.e. everything resident).
+    slots: int = 0
+    slot_pool: str = "layer"
+    eviction: str = "lru"
+    lfu_decay: float = 0.9
+    # Prefetch copied more bytes than it saved on the shipped model's routing
+    # (bench/compare_offload.py), so it is off unless asked for.
+    prefetch: str = "off"
+    # Pass the prefetch prediction through the selection policy before copying.
+    prefetch_select: bool = True
+    # eager: the host plans each step after one small read (any step, in waves; no CUDA graphs);
+    # graph: device-side planning with fixed shapes (CUDA-graph safe; K = E, or small batches).
+    executor: str = "eager"
+    # Host memory that must stay free after the pinned store is allocated, in GiB.
+    host_headroom_gib: float = 2.0
+
+    def __post_init__(self) -> None:
         _at_least("slots", self.slots, 0)
+        _choice("slot_pool", self.slot_pool, SLOT_POOLS)
+        _choice("eviction", self.eviction, EVICTIONS)
         if not 0.0 <= self.lfu_decay <= 1.0:
             raise ConfigError(f"--lynx-lfu-decay must be in [0, 1], got {self.lfu_decay}")
+        _choice("prefetch", self.prefetch, PREFETCHES)
+        _choice("executor", self.executor, EXECUTORS)
         if self.host_headroom_gib < 0.0:
             raise ConfigError(f"--lynx-host-headroom-gib must be >= 0, got {self.host_headroom_gib}")
-        if self.log_interval < 0.0:
-            raise ConfigError(f"--lynx-log-interval must be >= 0, got {self.log_interval}")
+
+
+_SECTIONS = {"selection": SelectionParams, "cache": CacheParams}
+# flat setting name (flag --lynx-<name>, env LYNX_SGLANG_<NAME>) -> its section (None: top level)
+_SECTION_OF = {f.name: s for s, cls in _SECTIONS.items() for f in fields(cls)}
+
+
+@dataclass(frozen=True, init=False)
+class LynxConfig:
+    """Every knob of the plugin. Defaults are the recommended setting.
+
+    Built from flat setting names, as the flags and variables spell them:
+    ``LynxConfig(mode="lynx+offload", budget=0.5, slots=32)``; ``cfg.budget`` reads through to
+    its section, and ``cfg.selection`` / ``cfg.cache`` are the sections themselves.
+    """
+
+    # What runs: selection only, the expert cache only, both, or nothing.
+    mode: str
+    selection: SelectionParams
+    cache: CacheParams
+    # Seconds between counter log lines in the server (0: off).
+    log_interval: float
+
+    def __init__(
+        self,
+        mode: str = "off",
+        selection: SelectionParams | None = None,
+        cache: CacheParams | None = None,
+        log_interval: float = 0.0,
+        **settings: Any,
+    ) -> None:
+        unknown = [name for name in settings if name not in _SECTION_OF]
+        if unknown:
+            raise ConfigError(f"unknown lynx-sglang setting {unknown[0]!r}{_closest(unknown[0])}")
+        parts = {"selection": selection or SelectionParams(), "cache": cache or CacheParams()}
+        for section in parts:
+            changes = {k: v for k, v in settings.items() if _SECTION_OF[k] == section}
+            if changes:
+                parts[section] = dataclasses.replace(parts[section], **changes)
+        _choice("mode", mode, MODES)
+        if log_interval < 0.0:
+            raise ConfigError(f"--lynx-log-interval must be >= 0, got {log_interval}")
+        object.__setattr__(self, "mode", mode)
+        object.__setattr__(self, "selection", parts["selection"])
+        object.__setattr__(self, "cache", parts["cache"])
+        object.__setattr__(self, "log_interval", log_interval)
+
+    def __getattr__(self, name: str) -> Any:
+        section = _SECTION_OF.get(name)
+        if section is None:
+            raise AttributeError(f"LynxConfig has no setting {name!r}")
+        return getattr(object.__getattribute__(self, section), name)
 
     # ---- derived ----
     @property
@@ -108,33 +185,43 @@ class LynxConfig:
         return self.mode in ("offload", "lynx+offload")
 
     def replace(self, **changes: Any) -> LynxConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with settings changed (flat names, as in the constructor)."""
+        top = {k: changes.pop(k) for k in ("mode", "log_interval") if k in changes}
+        return LynxConfig(
+            mode=top.get("mode", self.mode),
+            selection=self.selection,
+            cache=self.cache,
+            log_interval=top.get("log_interval", self.log_interval),
+            **changes,
+        )
 
     # ---- environment ----
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LynxConfig:
-        """Build from ``LYNX_<FIELD>`` variables (e.g. ``LYNX_MODE=lynx``); unknown ones fail."""
+        """Build from ``LYNX_SGLANG_<SETTING>`` variables (e.g. ``LYNX_SGLANG_MODE=lynx``).
+
+        Other variables are ignored, even ones that start with ``LYNX_``; a misspelt one of ours
+        fails with one line naming the closest match."""
         environ = os.environ if environ is None else environ
-        known = {_env_name(f.name): f for f in fields(cls)}
+        known = {env_name(name): name for name in setting_names()}
         values: dict[str, Any] = {}
         for key, raw in environ.items():
             if not key.startswith(ENV_PREFIX):
                 continue
-            f = known.get(key)
-            if f is None:
-                raise ConfigError(
-                    f"unknown environment variable {key}; lynx-sglang reads "
-                    + ", ".join(sorted(known))
-                )
-            values[f.name] = _parse(f, raw, source=key)
+            name = known.get(key)
+            if name is None:
+                match = difflib.get_close_matches(key, list(known), n=1)
+                hint = f"; did you mean {match[0]}?" if match else f"; known: {', '.join(known)}"
+                raise ConfigError(f"unknown lynx-sglang environment variable {key}{hint}")
+            values[name] = _parse(_default_of(name), raw, source=key)
         return cls(**values)
 
     def to_env(self) -> dict[str, str]:
-        """The ``LYNX_*`` variables that rebuild this config in a spawned process."""
+        """The ``LYNX_SGLANG_*`` variables that rebuild this config in a spawned process."""
         out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            out[_env_name(f.name)] = ("1" if v else "0") if isinstance(v, bool) else str(v)
+        for name in setting_names():
+            v = getattr(self, name)
+            out[env_name(name)] = ("1" if v else "0") if isinstance(v, bool) else str(v)
         return out
 
     # ---- command line ----
@@ -142,33 +229,60 @@ class LynxConfig:
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
         """Register ``--lynx-*`` flags (all default to None: unset flags fall back to env/defaults)."""
         group = parser.add_argument_group("lynx-sglang (batch-aware expert selection + expert cache)")
-        for f in fields(LynxConfig):
-            flag = _flag_name(f.name)
-            default = f.default
-            kind = _field_type(f)
-            help_text = _HELP.get(f.name, "")
-            choices = _CHOICES.get(f.name)
+        for name in setting_names():
+            flag, default = flag_name(name), _default_of(name)
+            kind = type(default)
+            help_text = _HELP.get(name, "")
             if kind is bool:
-                group.add_argument(flag, dest=_dest(f.name), type=_parse_bool_flag(flag),
+                group.add_argument(flag, dest=_dest(name), type=_parse_bool_flag(flag),
                                    default=None, metavar="{0,1}",
                                    help=f"{help_text} (default {int(default)})")
             else:
-                group.add_argument(flag, dest=_dest(f.name), type=_typed(kind, flag),
-                                   choices=choices, default=None,
+                group.add_argument(flag, dest=_dest(name), type=_typed(kind, flag),
+                                   choices=_CHOICES.get(name), default=None,
                                    help=f"{help_text} (default {default})")
 
     @classmethod
     def from_cli_args(
         cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None
     ) -> LynxConfig:
-        """Flags override ``LYNX_*`` env vars, which override defaults."""
+        """Flags override ``LYNX_SGLANG_*`` env vars, which override defaults."""
         base = cls.from_env(environ)
         changes = {}
-        for f in fields(cls):
-            v = getattr(args, _dest(f.name), None)
+        for name in setting_names():
+            v = getattr(args, _dest(name), None)
             if v is not None:
-                changes[f.name] = v
+                changes[name] = v
         return base.replace(**changes) if changes else base
+
+
+def setting_names() -> list[str]:
+    """Every setting's flat name, in flag order (top level first, then the sections)."""
+    return ["mode", *_SECTION_OF, "log_interval"]
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def flag_name(name: str) -> str:
+    return FLAG_PREFIX + name.replace("_", "-")
+
+
+def wanted(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this process was asked to run lynx-sglang: one of our variables is set."""
+    environ = os.environ if environ is None else environ
+    return any(key.startswith(ENV_PREFIX) for key in environ)
+
+
+_TOP_DEFAULTS = {"mode": "off", "log_interval": 0.0}
+
+
+def _default_of(name: str) -> Any:
+    section = _SECTION_OF.get(name)
+    if section is None:
+        return _TOP_DEFAULTS[name]
+    return next(f.default for f in fields(_SECTIONS[section]) if f.name == name)
 
 
 _HELP = {
@@ -195,7 +309,7 @@ _HELP = {
 
 _CHOICES = {
     "mode": MODES,
-    "policy": POLICIES,
+    "policy": SELECTION_POLICIES,
     "eviction": EVICTIONS,
     "prefetch": PREFETCHES,
     "executor": EXECUTORS,
@@ -203,30 +317,23 @@ _CHOICES = {
 }
 
 
-def _env_name(name: str) -> str:
-    return ENV_PREFIX + name.upper()
-
-
-def _flag_name(name: str) -> str:
-    return "--lynx-" + name.replace("_", "-")
-
-
 def _dest(name: str) -> str:
     return "lynx_" + name
 
 
-def _field_type(f: dataclasses.Field) -> type:
-    return type(f.default)
+def _closest(name: str) -> str:
+    match = difflib.get_close_matches(name, setting_names(), n=1)
+    return f"; did you mean {match[0]!r}?" if match else ""
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{_flag_name(name)} must be one of {', '.join(allowed)}; got {value!r}")
+        raise ConfigError(f"{flag_name(name)} must be one of {', '.join(allowed)}; got {value!r}")
 
 
 def _at_least(name: str, value: int, low: int) -> None:
     if value < low:
-        raise ConfigError(f"{_flag_name(name)} must be >= {low}, got {value}")
+        raise ConfigError(f"{flag_name(name)} must be >= {low}, got {value}")
 
 
 def _parse_bool(raw: str, source: str) -> bool:
@@ -238,8 +345,8 @@ def _parse_bool(raw: str, source: str) -> bool:
     raise ConfigError(f"{source} must be 0/1/true/false, got {raw!r}")
 
 
-def _parse(f: dataclasses.Field, raw: str, source: str) -> Any:
-    kind = _field_type(f)
+def _parse(default: Any, raw: str, source: str) -> Any:
+    kind = type(default)
     if kind is bool:
         return _parse_bool(raw, source)
     try:

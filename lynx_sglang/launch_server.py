@@ -1,7 +1,7 @@
 """``python -m lynx_sglang.launch_server <sglang flags> --lynx-mode lynx ...``: SGLang's server
 with the lynx-sglang plugin switched on.
 
-A thin wrapper: it parses our flags, exports them as ``LYNX_*`` (SGLang's spawned scheduler
+A thin wrapper: it parses our flags, exports them as ``LYNX_SGLANG_*`` (SGLang's spawned scheduler
 processes inherit them), checks that the plugin's hooks are in place, and runs SGLang's launcher.
 """
 

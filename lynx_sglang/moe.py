@@ -39,3 +39,14 @@ def fused_moe_ref(
         ye = h @ w2[e].float().t()  # [n, H]
         out.index_add_(0, tok, ye * flat_w[sel, None])
     return out.to(x.dtype)
+
+
+def reference_kernel(w13: torch.Tensor | None, w2: torch.Tensor | None):
+    """A ``lynx_sglang.step.Kernel`` built on ``fused_moe_ref``: over the given resident weights
+    (w13 [E, 2I, H], w2 [E, H, I]) when the step has no cache, else over the cache's slots."""
+
+    def kernel(x, ids, weights, experts):
+        a, b = (w13, w2) if experts is None else (experts["w13"], experts["w2"])
+        return fused_moe_ref(x, a, b, ids, weights)
+
+    return kernel

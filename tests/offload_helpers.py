@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from lynx_sglang.moe import reference_kernel
 from lynx_sglang.offload import HostExpertStore
+from lynx_sglang.step import moe_layer_step
 
 H, INTER = 16, 8  # hidden, intermediate
 
@@ -36,3 +38,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def forward(cache, layer, x, topk_ids, topk_w, scores=None, kernel=None):
+    """The layer step through the cache: ``moe_layer_step`` with the reference kernel (or
+    ``kernel``; selection off), or, with explicit ``scores`` for score-aware eviction, prepare
+    and its waves."""
+    kernel = kernel or reference_kernel(None, None)
+    if scores is None:
+        logits = torch.zeros(topk_ids.shape[0], cache.store.num_experts)
+        return moe_layer_step(layer, x, topk_ids, topk_w, logits, kernel, cache=cache)
+    plan, experts = cache.prepare(layer, topk_ids, scores), cache.slot_weights(layer)
+    return sum(kernel(x, wave.slot_ids, wave.weights(topk_w), experts).float() for wave in plan)

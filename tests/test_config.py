@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from lynx_sglang.config import ConfigError, LynxConfig
+from lynx_sglang.config import CacheParams, ConfigError, LynxConfig, SelectionParams, wanted
 
 
 def test_defaults_are_valid_and_off():
@@ -45,19 +45,42 @@ def test_env_round_trip():
 
 
 def test_env_rejects_unknown_and_malformed():
-    with pytest.raises(ConfigError, match="LYNX_BUDGTE"):
-        LynxConfig.from_env({"LYNX_BUDGTE": "0.5"})
-    with pytest.raises(ConfigError, match="LYNX_SLOTS"):
-        LynxConfig.from_env({"LYNX_SLOTS": "many"})
-    with pytest.raises(ConfigError, match="LYNX_PREFETCH_SELECT"):
-        LynxConfig.from_env({"LYNX_PREFETCH_SELECT": "maybe"})
+    with pytest.raises(ConfigError, match="LYNX_SGLANG_BUDGTE"):
+        LynxConfig.from_env({"LYNX_SGLANG_BUDGTE": "0.5"})
+    with pytest.raises(ConfigError, match="LYNX_SGLANG_SLOTS"):
+        LynxConfig.from_env({"LYNX_SGLANG_SLOTS": "many"})
+    with pytest.raises(ConfigError, match="LYNX_SGLANG_PREFETCH_SELECT"):
+        LynxConfig.from_env({"LYNX_SGLANG_PREFETCH_SELECT": "maybe"})
+
+
+def test_a_misspelt_variable_of_ours_names_the_closest_match_in_one_line():
+    with pytest.raises(ConfigError) as e:
+        LynxConfig.from_env({"LYNX_SGLANG_BUDGTE": "0.5"})
+    assert "did you mean LYNX_SGLANG_BUDGET?" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="did you mean 'budget'"):
+        LynxConfig(budgte=0.5)
+
+
+def test_foreign_variables_sharing_the_old_prefix_are_not_ours():
+    """Another program's LYNX_* (or a stale LYNX_MODE) neither fails nor turns the plugin on."""
+    foreign = {"LYNX_HOME": "/opt/lynx", "LYNX_MODE": "lynx", "LYNX_CFG": "x"}
+    assert LynxConfig.from_env(foreign) == LynxConfig()
+    assert not wanted(foreign)
+    assert wanted({**foreign, "LYNX_SGLANG_MODE": "off"})
+
+
+def test_sections_hold_each_setting_once():
+    c = LynxConfig(mode="lynx+offload", budget=0.5, slots=24, eviction="lfu")
+    assert c.selection == SelectionParams(budget=0.5) and c.selection.budget == c.budget
+    assert c.cache == CacheParams(slots=24, eviction="lfu") and c.cache.slots == c.slots
+    assert c.replace(budget=0.7, mode="lynx").selection.budget == 0.7
 
 
 def test_flags_override_env():
     p = argparse.ArgumentParser()
     LynxConfig.add_cli_args(p)
     args = p.parse_args(["--lynx-mode", "lynx", "--lynx-budget", "0.7"])
-    c = LynxConfig.from_cli_args(args, {"LYNX_BUDGET": "0.4", "LYNX_SLOTS": "16"})
+    c = LynxConfig.from_cli_args(args, {"LYNX_SGLANG_BUDGET": "0.4", "LYNX_SGLANG_SLOTS": "16"})
     assert (c.mode, c.budget, c.slots) == ("lynx", 0.7, 16)
 
 

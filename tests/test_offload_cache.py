@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from offload_helpers import H, make_store, one_thread  # noqa: F401 (autouse fixture)
+from offload_helpers import H, forward, make_store, one_thread  # noqa: F401 (autouse fixture)
 
-from lynx_sglang.config import LynxConfig
-from lynx_sglang.moe import fused_moe_ref
+from lynx_sglang.config import LynxConfig, SelectionParams
+from lynx_sglang.moe import fused_moe_ref, reference_kernel
 from lynx_sglang.offload import ExpertCache
+from lynx_sglang.step import Step, moe_layer_step
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
@@ -56,7 +57,7 @@ def test_eager_cache_equals_fully_resident_layer(eviction, slot_pool):
             topk_ids, topk_w = route(g, 1 + (step * 3 + layer) % 6, 12, k)
             x = torch.randn(topk_ids.shape[0], H, generator=g)
             scores = torch.rand(12, generator=g)
-            out = cache.forward(layer, x, topk_ids, topk_w, fused_moe_ref, scores=scores)
+            out = forward(cache, layer, x, topk_ids, topk_w, scores=scores)
             ref = fused_moe_ref(x, *weights[layer], topk_ids, topk_w)
             assert_close(out, ref)
     waves = cache.counters()["total"]
@@ -77,7 +78,7 @@ def test_graph_executor_equals_fully_resident_layer(slot_pool):
         for layer in range(3):
             topk_ids, topk_w = route(g, 2, 12, k)  # batch <= K // k always fits
             x = torch.randn(2, H, generator=g)
-            out = cache.forward(layer, x, topk_ids, topk_w, fused_moe_ref)
+            out = forward(cache, layer, x, topk_ids, topk_w)
             assert_close(out, fused_moe_ref(x, *weights[layer], topk_ids, topk_w))
     cache.check_overflow()
     c = cache.counters()["total"]
@@ -110,7 +111,7 @@ def test_waves_serve_a_step_that_needs_more_experts_than_slots():
     assert len(plan) == 3
     with pytest.raises(RuntimeError, match="waves"):
         _ = plan.slot_ids
-    out = cache.forward(0, x, topk_ids, topk_w, fused_moe_ref)
+    out = forward(cache, 0, x, topk_ids, topk_w)
     assert_close(out, fused_moe_ref(x, *weights[0], topk_ids, topk_w))
 
 
@@ -167,7 +168,7 @@ def test_waves_reuse_slots_whose_in_flight_copies_the_step_waited_on(monkeypatch
     topk_ids = ids([0, 1], [2, 3], [4, 5], [6, 7])  # 8 experts, 4 slots: two waves
     topk_w = torch.full((4, 2), 0.5)
     x = torch.randn(4, H)
-    out = cache.forward(0, x, topk_ids, topk_w, fused_moe_ref)
+    out = forward(cache, 0, x, topk_ids, topk_w)
     assert_close(out, fused_moe_ref(x, *weights[0], topk_ids, topk_w))
     assert cache.counters()["total"]["waves"] == 2
 
@@ -192,8 +193,7 @@ def test_score_aware_evicts_the_lowest_score():
     scores[0], scores[1], scores[2] = 5.0, 0.1, 3.0
     cache.prepare(0, ids([2]), scores=scores)  # LRU would evict 0; its score is the highest
     assert resident(cache) == {0, 2}
-    cache.note_scores(0, -torch.arange(12.0))  # now 0 scores highest, 2 lowest
-    cache.prepare(0, ids([3]))
+    cache.prepare(0, ids([3]), scores=-torch.arange(12.0))  # now 0 scores highest, 2 lowest
     assert resident(cache) == {0, 3}
 
 
@@ -255,20 +255,35 @@ def test_cross_layer_prefetch_predicts_from_the_next_router():
     cache.set_router(1, router1)
     x = torch.randn(2, H)
     topk0, w0 = route(torch.Generator().manual_seed(5), 2, 12, 2)
-    cache.forward(0, x, topk0, w0, fused_moe_ref)
+    forward(cache, 0, x, topk0, w0)
     topk1 = (x @ router1.t()).topk(2).indices.to(torch.int32)  # layer 1 routes as predicted
     cache.prepare(1, topk1)
     c = cache.counters()["layers"][1]
     assert c["misses"] == 0 and c["prefetch_hits"] == len(torch.unique(topk1))
 
 
-def test_prefetch_goes_through_the_selection_callable():
-    store, _ = make_store(num_layers=2)
-    cache = ExpertCache(store, 8, "cpu", 2, prefetch="cross-layer")
-    cache.set_router(1, torch.randn(12, H))
-    cache.set_prefetch_select(lambda layer, topk_ids, logits: torch.full_like(topk_ids, 11))
-    cache.prepare(0, ids([0, 1]), hidden=torch.randn(3, H))
-    assert resident(cache, 1) == {11}
+def test_prefetch_copies_the_set_the_selection_keeps():
+    """A decode step's cross-layer prediction goes through the same selection: prefetch copies
+    the kept set of layer 1's predicted routing, not its raw top-k."""
+    from lynx_sglang.selection import select_experts_ref
+
+    store, weights = make_store(num_layers=2)
+    router1 = torch.randn(12, H, generator=torch.Generator().manual_seed(7))
+    params = SelectionParams(budget=0.3, protect_top=0)
+    x = torch.randn(6, H, generator=torch.Generator().manual_seed(8))
+    predicted = x @ router1.t()  # [T, E] layer 1's router on layer 0's input
+    raw = predicted.topk(2).indices
+    kept = select_experts_ref(predicted, raw, torch.ones(6, 2), params).topk_ids
+    assert set(kept.unique().tolist()) < set(raw.unique().tolist())
+    for select, expected in ((True, kept), (False, raw)):
+        cache = ExpertCache(store, 12, "cpu", 2, prefetch="cross-layer", prefetch_select=select)
+        cache.set_router(1, router1)
+        topk0, w0 = ids(*([0, 1] for _ in range(6))), torch.full((6, 2), 0.5)
+        logits0 = torch.zeros(6, 12)
+        step = Step(decode=True, num_valid=6)
+        kernel = reference_kernel(*weights[0])
+        moe_layer_step(0, x, topk0, w0, logits0, kernel, step, params, cache)
+        assert resident(cache, 1) == set(expected.unique().tolist())
 
 
 def test_temporal_prefetch_brings_back_the_previous_steps_set():
@@ -277,7 +292,8 @@ def test_temporal_prefetch_brings_back_the_previous_steps_set():
     cache = ExpertCache(store, 2, "cpu", 2, slot_pool="shared", pool_slots=4, prefetch="temporal")
     cache.prepare(1, ids([2, 3]))
     cache.prepare(0, ids([0, 1]))
-    cache.prepare(0, ids([4, 5]))  # evicts layer 1's {2, 3} (LRU), then prefetches them back
+    x, w = torch.randn(1, H), torch.full((1, 2), 0.5)
+    forward(cache, 0, x, ids([4, 5]), w)  # evicts layer 1's {2, 3} (LRU), prefetches them back
     assert resident(cache, 1) == {2, 3}
     cache.prepare(1, ids([2, 3]))
     c = cache.counters()["layers"][1]
@@ -289,6 +305,7 @@ def test_from_config_reads_the_cache_knobs():
     cfg = LynxConfig(mode="offload", slots=3, eviction="lfu", slot_pool="shared", prefetch="off")
     cache = ExpertCache.from_config(store, cfg, "cpu", top_k=2)
     assert cache.num_slots == 6 and cache.eviction == "lfu"
+    assert ExpertCache.from_config(store, cfg.cache, "cpu", top_k=2).num_slots == 6
     assert ExpertCache.from_config(store, LynxConfig(), "cpu", 2).num_slots == 12  # slots=0: all
 
 
@@ -299,19 +316,6 @@ def test_resident_mask_is_a_device_bool_vector():
     mask = cache.resident_mask(0)
     assert mask.dtype == torch.bool and mask.shape == (12,)
     assert np.flatnonzero(mask.numpy()).tolist() == [1, 2]
-
-
-@pytest.mark.parametrize("executor", ["eager", "graph"])
-def test_slot_table_inverts_the_expert_table(executor):
-    store, _ = make_store(num_layers=2)
-    cache = ExpertCache(store, 3, "cpu", 2, slot_pool="shared", executor=executor)
-    cache.prepare(0, ids([4, 7]))
-    cache.prepare(1, ids([2, 7]))
-    table = cache.slot_table(1).tolist()
-    assert sorted(table) == [-1, -1, 4, 7, 12 + 2, 12 + 7]
-    for slot, key in enumerate(table):
-        if key >= 0:
-            assert int(cache.slots.table_dev[key // 12, key % 12]) == slot
 
 
 # ---------------------------------------------------------------- GPU
@@ -329,7 +333,7 @@ def test_cuda_cache_is_bit_identical_to_the_resident_layer(executor):
             topk_ids, topk_w = route(g, 3, 12, 2)
             x = torch.randn(3, H, generator=g)
             d = [t.cuda() for t in (x, topk_ids, topk_w)]
-            out = cache.forward(layer, d[0], d[1], d[2], fused_moe_ref)
+            out = forward(cache, layer, d[0], d[1], d[2])
             ref = fused_moe_ref(
                 d[0], weights[layer][0].cuda(), weights[layer][1].cuda(), d[1], d[2]
             )

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from offload_helpers import INTER, H, make_store, one_thread  # noqa: F401 (autouse fixture)
+from offload_helpers import INTER, H, forward, make_store, one_thread  # noqa: F401 (autouse fixture)
 
 from lynx_sglang.kernels.offload_gather import offload_gather, offload_gather_ref
 from lynx_sglang.moe import fused_moe_ref
@@ -60,7 +60,7 @@ def test_graph_executor_runs_the_triton_kernel_exactly():
             topk_ids = torch.randperm(12, generator=g)[:4].view(2, 2).to(torch.int32)
             topk_w = torch.rand(2, 2, generator=g)
             x = torch.randn(2, H, generator=g)
-            out = cache.forward(layer, x, topk_ids, topk_w, fused_moe_ref)
+            out = forward(cache, layer, x, topk_ids, topk_w)
             assert torch.allclose(
                 out, fused_moe_ref(x, *weights[layer], topk_ids, topk_w), rtol=1e-5, atol=1e-4
             )
@@ -83,7 +83,7 @@ def test_graph_executor_flags_a_step_whose_misses_exceed_free_slots():
     with pytest.raises(RuntimeError, match="--lynx-slots"):
         cache.check_overflow()
     assert cache.counters()["total"]["overflow"] == 1
-    out = cache.forward(0, x, topk_ids, topk_w, fused_moe_ref)  # never silently wrong
+    out = forward(cache, 0, x, topk_ids, topk_w)  # never silently wrong
     bad_rows = torch.isnan(out).any(-1)
     ok_rows = ~bad_rows
     assert bad_rows.any()
@@ -141,8 +141,9 @@ def test_uva_gather_reads_pinned_host_memory():
     assert torch.equal(dst, want)
 
 
-def dense_moe(x, w13, w2, slot_ids, weights):
-    """A capturable MoE (no host reads): gathers each choice's expert weights."""
+def dense_moe(x, slot_ids, weights, experts):
+    """A capturable MoE kernel (no host reads): gathers each choice's expert weights."""
+    w13, w2 = experts["w13"], experts["w2"]
     inter = w2.shape[-1]
     a = w13[slot_ids.long()]  # [T, k, 2I, H]
     h = torch.einsum("tkoh,th->tko", a, x)
@@ -162,11 +163,11 @@ def test_graph_executor_step_captures_in_a_cuda_graph():
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        cache.forward(0, x, topk_ids, topk_w, dense_moe)
+        forward(cache, 0, x, topk_ids, topk_w, kernel=dense_moe)
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = cache.forward(0, x, topk_ids, topk_w, dense_moe)
+        out = forward(cache, 0, x, topk_ids, topk_w, kernel=dense_moe)
     for new in ([4, 5], [6, 7]), ([0, 4], [8, 9]):
         topk_ids.copy_(ids(*new))
         graph.replay()

@@ -223,7 +223,7 @@ def test_budget_is_applied_in_exact_decimals():
 
 def test_params_from_config_and_validation():
     cfg = LynxConfig(budget=0.4, max_experts=12, protect_top=2, protect_p=0.5, cache_bonus=0.1)
-    params = SelectionParams.from_config(cfg)
+    params = cfg.selection
     assert (params.budget, params.max_experts, params.protect_top) == (0.4, 12, 2)
     assert (params.protect_p, params.cache_bonus, params.policy) == (0.5, 0.1, "lynx")
     with pytest.raises(ValueError):

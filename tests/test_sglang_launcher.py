@@ -1,5 +1,5 @@
 """``python -m lynx_sglang.launch_server``: our flags beside SGLang's, one-line errors that come
-before SGLang is even imported, ``LYNX_*`` env vars that round-trip into spawned processes."""
+before SGLang is even imported, ``LYNX_SGLANG_*`` env vars that round-trip into spawned processes."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_flags_parse_and_leave_sglang_flags_alone():
 
 
 def test_flags_override_env_which_overrides_defaults():
-    env = {"LYNX_MODE": "lynx", "LYNX_BUDGET": "0.3", "LYNX_SLOTS": "12"}
+    env = {"LYNX_SGLANG_MODE": "lynx", "LYNX_SGLANG_BUDGET": "0.3", "LYNX_SGLANG_SLOTS": "12"}
     cfg, _ = parse_lynx_args(["--lynx-budget", "0.7"], environ=env)
     assert (cfg.mode, cfg.budget, cfg.slots) == ("lynx", 0.7, 12)
 
@@ -47,7 +47,7 @@ def test_env_round_trip():
     env = cfg.to_env()
     assert LynxConfig.from_env(env) == cfg
     assert parse_lynx_args([], environ=env)[0] == cfg
-    assert sorted(env) == sorted("LYNX_" + f[len("--lynx-") :].replace("-", "_").upper()
+    assert sorted(env) == sorted("LYNX_SGLANG_" + f[len("--lynx-") :].replace("-", "_").upper()
                                  for f in lynx_flags())  # fmt: skip
 
 
@@ -59,8 +59,8 @@ def test_env_round_trip():
         (["--lynx-budget", "1.5"], {}, "--lynx-budget must be in (0, 1]"),
         (["--lynx-colour", "red"], {}, "unrecognized argument --lynx-colour"),
         (["--lynx-mode"], {}, "expected one argument"),
-        ([], {"LYNX_MODE": "fast"}, "--lynx-mode must be one of"),
-        ([], {"LYNX_SLOT": "3"}, "unknown environment variable LYNX_SLOT"),
+        ([], {"LYNX_SGLANG_MODE": "fast"}, "--lynx-mode must be one of"),
+        ([], {"LYNX_SGLANG_SLOT": "3"}, "unknown lynx-sglang environment variable LYNX_SGLANG_SLOT; did you mean LYNX_SGLANG_SLOTS?"),
     ],
 )
 def test_bad_values_fail_fast_with_one_line(args, env, needle):
@@ -88,7 +88,7 @@ def test_help_lists_ours_with_sglangs(flag, capsys, monkeypatch):
         assert ours in out
     for theirs in ("--model-path", "--tp-size", "--moe-runner-backend", "--disable-cuda-graph"):
         assert theirs in out
-    assert "LYNX_" in out
+    assert "LYNX_SGLANG_" in out
 
 
 @pytest.mark.slow

@@ -1,9 +1,11 @@
 """Our hooks inside SGLang's real TopK + FusedMoE on CPU, with one layer of the shipped model
 (random weights of its shapes until it is trained): off is stock, offload is exact, lynx equals
-the reference policy, and prefill is never touched."""
+the reference policy, and prefill is never touched. What selection did is read where it acts:
+the TopK output the layer's fused kernel (its base method) is asked to compute."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 
@@ -13,7 +15,7 @@ import torch
 from lynx_sglang import SHIPPED_MODEL
 from lynx_sglang.config import LynxConfig
 from lynx_sglang.moe import fused_moe_ref
-from lynx_sglang.selection import SelectionParams, distinct_experts, select_experts_ref
+from lynx_sglang.selection import distinct_experts, select_experts_ref
 
 pytest.importorskip("sglang")
 
@@ -39,7 +41,7 @@ def sglang_layers():
     reset_context()
     publish(ServerArgs(model_path="dummy"), role="test")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LYNX_MODE", "off")  # register() acts only when LYNX_* settings exist
+        mp.setenv("LYNX_SGLANG_MODE", "off")  # register() acts only when our settings exist
         plugin.install()
     assert not plugin.missing_hooks()
     from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
@@ -134,6 +136,23 @@ def reference(w: dict, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     return fused_moe_ref(x, w13, w["w2"], ids, weights)
 
 
+@contextlib.contextmanager
+def kernel_calls(moe):
+    """Record the TopK output of every call of the layer's fused kernel (its base method)."""
+    base = moe.quant_method.base_method
+    calls, original = [], base.apply
+
+    def apply(layer, dispatch_output):
+        calls.append(dispatch_output.topk_output)
+        return original(layer, dispatch_output)
+
+    base.apply = apply
+    try:
+        yield calls
+    finally:
+        del base.apply
+
+
 @pytest.fixture(scope="module")
 def stock(sglang_layers, weights):
     return build(sglang_layers, weights, None)
@@ -167,9 +186,9 @@ def test_offload_is_exact(sglang_layers, weights, stock, slots):
     moe_stock, topk = stock
     runtime = runtime_for(weights, mode="offload", slots=slots, prefetch="off")
     moe, _ = build(sglang_layers, weights, runtime)
-    from lynx_sglang.sglang.moe_method import OffloadMoEMethod
+    from lynx_sglang.sglang.moe_method import LynxMoEMethod
 
-    assert isinstance(moe.quant_method, OffloadMoEMethod)
+    assert isinstance(moe.quant_method, LynxMoEMethod)
     assert moe.w13_weight.shape[0] == slots  # the GPU holds K slots, not E experts
     assert moe.w13_weight.data_ptr() == runtime.cache.slot_weights(0)["w13"].data_ptr()
     torch.testing.assert_close(
@@ -194,12 +213,12 @@ def test_lynx_equals_reference_policy(sglang_layers, weights):
     layer computes with the selected experts."""
     runtime = runtime_for(weights, mode="lynx", budget=0.5)
     moe, topk = build(sglang_layers, weights, runtime)
-    params = SelectionParams.from_config(runtime.cfg)
+    params = runtime.cfg.selection
     x, logits = inputs(weights, 3)
-    stock_out = topk.forward_native(x, logits)  # not a decode step: untouched
-    with activated(runtime), runtime.scope(runtime.decode_step(TOKENS)):
-        selected = topk.forward_native(x, logits)
-        out = moe(x, selected)
+    stock_out = topk.forward_native(x, logits)  # SGLang's TopK, unhooked
+    with activated(runtime), runtime.scope(runtime.decode_step(TOKENS)), kernel_calls(moe) as k:
+        out = moe(x, topk.forward_native(x, logits))
+    (selected,) = k
     ref = select_experts_ref(
         logits, stock_out.topk_ids, stock_out.topk_weights, params, num_valid=TOKENS
     )
@@ -217,13 +236,14 @@ def test_lynx_equals_reference_policy(sglang_layers, weights):
 def test_lynx_masks_graph_padding(sglang_layers, weights):
     """Under graph capture the real row count is a device tensor; padding rows do not vote."""
     runtime = runtime_for(weights, mode="lynx", budget=0.5)
-    _, topk = build(sglang_layers, weights, runtime)
-    params = SelectionParams.from_config(runtime.cfg)
+    moe, topk = build(sglang_layers, weights, runtime)
+    params = runtime.cfg.selection
     x, logits = inputs(weights, 4)
     stock_out = topk.forward_native(x, logits)
-    with activated(runtime), runtime.scope(runtime.capture_step(TOKENS)):
+    with activated(runtime), runtime.scope(runtime.capture_step(TOKENS)), kernel_calls(moe) as k:
         runtime.graph_rows.fill_(10)  # what a replay of 10 real requests writes
-        selected = topk.forward_native(x, logits)
+        moe(x, topk.forward_native(x, logits))
+    (selected,) = k
     ref = select_experts_ref(
         logits, stock_out.topk_ids, stock_out.topk_weights, params, num_valid=torch.tensor(10)
     )
@@ -238,26 +258,34 @@ def test_prefill_and_small_batches_untouched(sglang_layers, weights):
     """Prefill/extend/mixed (not decode) and decode batches below min_batch pass through."""
     runtime = runtime_for(weights, mode="lynx+offload", budget=0.5, slots=16, min_batch=4)
     moe, topk = build(sglang_layers, weights, runtime)
+    lynx_only = runtime_for(weights, mode="lynx", budget=0.5, min_batch=4)
+    moe_lynx, _ = build(sglang_layers, weights, lynx_only)
     x, logits = inputs(weights, 5)
     stock_out = topk.forward_native(x, logits)
     with activated(runtime):
         with runtime.scope(NOT_DECODE):
-            prefill = topk.forward_native(x, logits)
-            out = moe(x, prefill)
+            out = moe(x, topk.forward_native(x, logits))
         with runtime.scope(runtime.decode_step(3)):
-            small = topk.forward_native(x[:3], logits[:3])
+            out_small = moe(x[:3], topk.forward_native(x[:3], logits[:3]))
+    with activated(lynx_only), kernel_calls(moe_lynx) as k:
+        with lynx_only.scope(NOT_DECODE):
+            moe_lynx(x, topk.forward_native(x, logits))
+        with lynx_only.scope(lynx_only.decode_step(3)):
+            moe_lynx(x[:3], topk.forward_native(x[:3], logits[:3]))
+    prefill, small = k
     assert torch.equal(prefill.topk_ids, stock_out.topk_ids)
     assert torch.equal(prefill.topk_weights, stock_out.topk_weights)
     assert torch.equal(small.topk_ids, stock_out.topk_ids[:3])
     ref = reference(weights, x, stock_out.topk_ids, stock_out.topk_weights)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out_small, ref[:3], atol=2e-5, rtol=1e-4)
 
 
 def test_lynx_plus_offload(sglang_layers, weights):
     """The product: selection shrinks the set, the cache serves it exactly."""
     runtime = runtime_for(weights, mode="lynx+offload", budget=0.5, slots=16, prefetch="off")
     moe, topk = build(sglang_layers, weights, runtime)
-    params = SelectionParams.from_config(runtime.cfg)
+    params = runtime.cfg.selection
     x, logits = inputs(weights, 6)
     stock_out = topk.forward_native(x, logits)
     with activated(runtime), runtime.scope(runtime.decode_step(TOKENS)):

@@ -20,9 +20,9 @@ from lynx_sglang.sglang import plugin  # noqa: E402
 
 @pytest.fixture
 def lynx_env(monkeypatch):
-    """Only our plugin, and a LYNX_* setting so that it registers."""
+    """Only our plugin, and a LYNX_SGLANG_* setting so that it registers."""
     monkeypatch.setenv("SGLANG_PLUGINS", "lynx_sglang")
-    monkeypatch.setenv("LYNX_MODE", "off")
+    monkeypatch.setenv("LYNX_SGLANG_MODE", "off")
 
 
 def test_entry_point_is_discovered(lynx_env):
@@ -52,7 +52,7 @@ def test_hooks_installed_once_when_loaded_twice(lynx_env, monkeypatch):
 
 @pytest.mark.slow
 def test_missing_hooks_raise_when_a_mode_is_requested():
-    """A fresh process in which the plugin registered nothing (no LYNX_* when SGLang loaded it),
+    """A fresh process in which the plugin registered nothing (no LYNX_SGLANG_* when SGLang loaded it),
     then asked for lynx: the launcher check, SGLang's start-up check and model load all raise."""
     script = textwrap.dedent(
         """
@@ -64,7 +64,7 @@ def test_missing_hooks_raise_when_a_mode_is_requested():
         load_plugins()
         assert len(plugin.missing_hooks()) == len(plugin.HOOKS), plugin.missing_hooks()
         plugin.verify_hooks(LynxConfig(mode="off"))  # nothing asked: fine
-        os.environ["LYNX_MODE"] = "lynx"
+        os.environ["LYNX_SGLANG_MODE"] = "lynx"
         calls = {
             "verify": lambda: plugin.verify_hooks(LynxConfig.from_env()),
             "load_model": lambda: hooks.around_load_model(lambda runner: None, object()),
@@ -98,3 +98,26 @@ def test_register_is_a_noop_without_lynx_settings(monkeypatch):
     before = {t: list(h) for t, h in HookRegistry._hooks.items()}
     plugin.register()
     assert {t: list(h) for t, h in HookRegistry._hooks.items()} == before
+
+
+def test_a_foreign_variable_sharing_the_old_prefix_leaves_sglang_stock(monkeypatch):
+    """Another program's LYNX_* variables (even LYNX_MODE) are not ours: SGLang's own plugin
+    loader registers nothing of ours, and the start-up and model-load paths stay stock."""
+    import sglang.srt.plugins as plugins
+
+    from lynx_sglang.sglang import hooks
+
+    for key in list(os.environ):
+        if key.startswith("LYNX_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("LYNX_MODE", "lynx")
+    monkeypatch.setenv("LYNX_HOME", "/opt/lynx")
+    monkeypatch.setenv("SGLANG_PLUGINS", "lynx_sglang")
+    before = {t: list(h) for t, h in HookRegistry._hooks.items()}
+    monkeypatch.setattr(plugins, "_plugins_loaded", False)
+    load_plugins()
+    assert {t: list(h) for t, h in HookRegistry._hooks.items()} == before
+    assert hooks.after_check_server_args(None, object()) is None  # no config read, no raise
+    loaded = []
+    hooks.around_load_model(lambda runner: loaded.append(runner), "runner")
+    assert loaded == ["runner"]

@@ -22,16 +22,10 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from lynx_sglang.selection.policy import (
-    BUDGET_SCALE,
-    MAX_KERNEL_EXPERTS,
-    NumValid,
-    SelectionParams,
-    SelectionResult,
-    select_experts_ref,
-)
+from lynx_sglang.config import BUDGET_SCALE, SelectionParams
+from lynx_sglang.selection.types import MAX_KERNEL_EXPERTS, NumValid, SelectionResult
 
-__all__ = ["interpreted", "select_experts_ref", "select_experts_triton"]
+__all__ = ["interpreted", "select_experts_triton"]
 
 FLOAT32_MIN = tl.constexpr(-3.4028234663852886e38)  # finite stand-in for -inf logits (remap)
 INF_BITS = tl.constexpr(0x7F800000)  # bit pattern of +inf in float32

@@ -11,7 +11,6 @@ Dimensions: B batch, S sequence, T = B*S tokens, H hidden, E experts, k top-k, I
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -316,7 +315,3 @@ def unigram_cross_entropy(train_ids: torch.Tensor, eval_ids: torch.Tensor, vocab
     counts = torch.bincount(train_ids.reshape(-1), minlength=vocab).double() + 1.0
     logp = torch.log(counts / counts.sum())
     return float(-logp[eval_ids.reshape(-1)].mean())
-
-
-def perplexity(nll: float) -> float:
-    return math.exp(nll)

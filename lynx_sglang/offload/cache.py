@@ -1,29 +1,29 @@
-"""ExpertCache: the one object a MoE layer's forward talks to when experts are offloaded.
+"""ExpertCache: GPU slots in front of the host expert store, the one object a layer's step asks.
 
-    plan = cache.prepare(layer, topk_ids)            # experts resident, ids -> slot ids
-    w = cache.slot_weights(layer)                     # {"w13": [K, 2I, H], "w2": [K, H, I]}
-    out = fused_moe(x, w["w13"], w["w2"], plan.slot_ids, plan.weights(topk_weights))
-(the kernel is unchanged; ``plan.weights`` is a no-op unless the graph executor had to poison a
-step it could not serve), or, exact in every case (also when a step needs more experts than
-slots, which then runs in waves):
-    out = cache.forward(layer, x, topk_ids, topk_weights, fused_moe_ref)
+    plan = cache.prepare(layer, topk_ids)        # experts resident, ids -> slot ids, in waves
+    experts = cache.slot_weights(layer)          # {"w13": [K, 2I, H], "w2": [K, H, I]}
+    for wave in plan: kernel(x, wave.slot_ids, wave.weights(topk_weights), experts)
+    cache.prefetch_next(layer)                   # the next layer's predicted experts start moving
+
+``lynx_sglang.step.moe_layer_step`` is the one place that runs this sequence. The executor (eager:
+host-planned, any step, in waves; graph: device-planned, fixed shapes, CUDA-graph safe) is chosen
+once at construction; both implement the same contract (``Executor``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
+
+from lynx_sglang.config import EVICTIONS, PREFETCHES, SLOT_POOLS, CacheParams
 
 from .counters import Counters
 from .eager import EagerExecutor
 from .eviction import make_policy
 from .graph import GraphExecutor
 from .plan import Plan
-from .prefetch import MODES as PREFETCH_MODES
-from .prefetch import PrefetchSelect, cross_layer_votes
 from .slots import SlotStorage
 from .store import HostExpertStore
 from .transfer import TransferEngine
@@ -31,10 +31,27 @@ from .transfer import TransferEngine
 if TYPE_CHECKING:
     from lynx_sglang.config import LynxConfig
 
-# compute_fn(x [T, H], w13 [K, 2I, H], w2 [K, H, I], slot_ids [T, k], topk_weights [T, k]) -> [T, H]
-ComputeFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
-]
+
+class Executor(Protocol):
+    """What both executors do for a layer's step (state lives in ``SlotStorage``)."""
+
+    routers: dict[int, torch.Tensor]
+
+    def prepare(
+        self,
+        layer: int,
+        topk_ids: torch.Tensor,
+        scores: torch.Tensor | None,
+        votes: torch.Tensor | None,
+    ) -> Plan: ...
+
+    def prefetch_next(self, layer: int) -> None: ...
+
+    def prefetch_ranked(self, layer: int, experts: np.ndarray) -> None: ...
+
+    def resident_mask(self, layer: int) -> torch.Tensor: ...
+
+    def check_overflow(self) -> None: ...
 
 
 class ExpertCache:
@@ -52,6 +69,7 @@ class ExpertCache:
         executor: str = "eager",
         prefetch: str = "off",
         *,
+        prefetch_select: bool = True,
         pool_slots: int | None = None,
         gather_backend: str = "auto",
     ) -> None:
@@ -63,23 +81,17 @@ class ExpertCache:
                 f"--lynx-slots={slots} is below top_k={top_k}: every token's {top_k} experts "
                 "must fit the slots at once"
             )
-        if slot_pool not in ("layer", "shared"):
-            raise ValueError(f"--lynx-slot-pool must be layer or shared; got {slot_pool!r}")
-        if executor not in ("eager", "graph"):
-            raise ValueError(f"--lynx-executor must be eager or graph; got {executor!r}")
-        if prefetch not in PREFETCH_MODES:
-            raise ValueError(
-                f"--lynx-prefetch must be one of {', '.join(PREFETCH_MODES)}; got {prefetch!r}"
-            )
-        if gather_backend not in ("auto", "triton", "torch"):
-            raise ValueError(
-                f"gather_backend must be auto, triton or torch; got {gather_backend!r}"
-            )
+        _choice("--lynx-slot-pool", slot_pool, SLOT_POOLS)
+        _choice("--lynx-executor", executor, ("eager", "graph"))
+        _choice("--lynx-prefetch", prefetch, PREFETCHES)
+        _choice("--lynx-eviction", eviction, EVICTIONS)
+        _choice("gather_backend", gather_backend, ("auto", "triton", "torch"))
         self.store = store
         self.device = torch.device(device)
         self.top_k = top_k
         self.eviction, self.slot_pool, self.executor_name = eviction, slot_pool, executor
         self.prefetch_mode = prefetch
+        self.prefetch_select = prefetch_select  # pass the prediction through the selection
         if slot_pool == "layer":
             num_pools, pool_size, layer_pool = L, min(slots, E), list(range(L))
         else:  # one pool; by default the same GPU memory as `slots` per layer
@@ -94,32 +106,36 @@ class ExpertCache:
         self.slots = SlotStorage(store, num_pools, pool_size, layer_pool, self.device)
         self._counters = Counters(L)
         like = "numpy" if executor == "eager" else self.device
-        self.policy = make_policy(eviction, L, E, like, lfu_decay)
+        policy = make_policy(eviction, L, E, like, lfu_decay)
+        self.executor: Executor
         if executor == "eager":
             transfer = TransferEngine(self.device, num_pools * pool_size)
             self.executor = EagerExecutor(
-                store, self.slots, transfer, self.policy, self._counters, top_k, prefetch
+                store, self.slots, transfer, policy, self._counters, top_k, prefetch
             )
         else:
             self.executor = GraphExecutor(
-                store, self.slots, self.policy, self._counters, top_k, prefetch, gather_backend
+                store, self.slots, policy, self._counters, top_k, prefetch, gather_backend
             )
 
     @classmethod
     def from_config(
-        cls, store: HostExpertStore, cfg: LynxConfig, device: torch.device | str, top_k: int
-    ) -> ExpertCache:
-        """Build from the plugin config (``slots=0`` means one slot per expert: all resident)."""
+        cls, store: HostExpertStore, cfg: LynxConfig | CacheParams, device: torch.device | str,
+        top_k: int,
+    ) -> ExpertCache:  # fmt: skip
+        """Build from the cache section of the plugin config (``slots=0``: all resident)."""
+        c = cfg if isinstance(cfg, CacheParams) else cfg.cache
         return cls(
             store,
-            slots=cfg.slots or store.num_experts,
+            slots=c.slots or store.num_experts,
             device=device,
             top_k=top_k,
-            eviction=cfg.eviction,
-            lfu_decay=cfg.lfu_decay,
-            slot_pool=cfg.slot_pool,
-            executor=cfg.executor,
-            prefetch=cfg.prefetch,
+            eviction=c.eviction,
+            lfu_decay=c.lfu_decay,
+            slot_pool=c.slot_pool,
+            executor=c.executor,
+            prefetch=c.prefetch,
+            prefetch_select=c.prefetch_select,
         )
 
     # ---------------------------------------------------------------- the step
@@ -132,35 +148,28 @@ class ExpertCache:
         layer: int,
         topk_ids: torch.Tensor,
         scores: torch.Tensor | None = None,
-        hidden: torch.Tensor | None = None,
+        votes: torch.Tensor | None = None,
+        captured: bool = False,
     ) -> Plan:
-        """Make the experts of ``topk_ids`` [T, k] resident; returns the waves to run.
+        """Make the experts of ``topk_ids`` [T, k] (-1: padding) resident; returns the waves.
 
         ``plan.slot_ids`` ([T, k], topk_ids' dtype, in [0, K)) in the one-wave case. ``scores``
-        [E] feed score-aware eviction; ``hidden`` [T, H] (this layer's MoE input) feeds the
-        cross-layer prefetch of the next layer when its router was given (``set_router``).
+        [E] (the selection's batch scores) feed score-aware eviction; ``votes`` [E] (the next
+        layer's predicted experts, ``step.predict_votes``) feed its cross-layer prefetch, which
+        ``prefetch_next`` starts. ``captured``: the step is being captured in a CUDA graph; only
+        the graph executor can serve it (the server's checks make sure it is the one in use).
         """
-        return self.executor.prepare(layer, topk_ids, scores, hidden)
+        if captured and self.executor_name != "graph":
+            raise RuntimeError(
+                "expert cache: a CUDA-graph capture reached the eager executor; use "
+                "--lynx-executor graph or --disable-cuda-graph"
+            )
+        return self.executor.prepare(layer, topk_ids, scores, votes)
 
-    def forward(
-        self,
-        layer: int,
-        x: torch.Tensor,
-        topk_ids: torch.Tensor,
-        topk_weights: torch.Tensor,
-        compute_fn: ComputeFn,
-        scores: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Exact MoE output through the cache: compute_fn per wave, summed. x: [T, H] -> [T, H]."""
-        plan = self.prepare(layer, topk_ids, scores, hidden=x)
-        w = self.slot_weights(layer)
-        if plan.single:
-            return compute_fn(x, w["w13"], w["w2"], plan.slot_ids, plan.weights(topk_weights))
-        out = None
-        for wave in plan:
-            y = compute_fn(x, w["w13"], w["w2"], wave.slot_ids, wave.weights(topk_weights)).float()
-            out = y if out is None else out + y
-        return out.to(x.dtype)
+    def prefetch_next(self, layer: int) -> None:
+        """Start copying the next layer's predicted experts (after ``prepare`` of ``layer``)."""
+        if self.prefetch_mode != "off":
+            self.executor.prefetch_next(layer)
 
     # ---------------------------------------------------------------- prefetch
     def set_router(self, layer: int, weight: torch.Tensor) -> None:
@@ -171,62 +180,27 @@ class ExpertCache:
             )
         self.executor.routers[layer] = weight
 
-    def set_prefetch_select(self, select: PrefetchSelect | None) -> None:
-        """Pass predicted routing through ``select(layer, topk_ids, logits) -> topk_ids`` before copying."""
-        self.executor.select = select
-
-    def predict_next(
-        self, layer: int, hidden: torch.Tensor, router_weight_next: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Votes per expert of layer+1 from layer+1's router on ``hidden`` [T, H]: [E] float32, device."""
-        router = (
-            router_weight_next
-            if router_weight_next is not None
-            else self.executor.routers[layer + 1]
+    def predicts(self, layer: int) -> bool:
+        """Whether the step of ``layer`` should predict the next layer's experts (cross-layer)."""
+        return (
+            self.prefetch_mode in ("cross-layer", "both")
+            and layer + 1 < self.store.num_layers
+            and layer + 1 in self.executor.routers
         )
-        return cross_layer_votes(hidden, router, self.top_k, layer + 1, self.executor.select)
+
+    def router(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s router weight [E, H] (given by ``set_router``)."""
+        return self.executor.routers[layer]
 
     def prefetch(self, layer: int, experts: torch.Tensor | np.ndarray | list[int]) -> None:
-        """Start copying ``experts`` (ids, best first, or an [E] bool mask) of ``layer`` into free slots.
-
-        Outside ``prepare`` this reads the ids to the host (a sync for device tensors); inside a
-        step use ``prepare(..., hidden=...)``, which packs the prediction into its one read.
-        """
-        ids = _as_ids(experts, self.store.num_experts)
-        if isinstance(self.executor, EagerExecutor):
-            self.executor.prefetch(layer, ids)
-            self.executor.sync_table()
-            return
-        score = torch.zeros(self.store.num_experts, dtype=torch.float32, device=self.device)
-        score[torch.as_tensor(ids, device=self.device)] = torch.arange(
-            len(ids), 0, -1, dtype=torch.float32, device=self.device
-        )
-        self.executor.prefetch(layer, score)
+        """Start copying ``experts`` (ids, best first, or an [E] bool mask) of ``layer`` into
+        free slots, outside any step (it reads device ids to the host)."""
+        self.executor.prefetch_ranked(layer, _as_ids(experts, self.store.num_experts))
 
     # ---------------------------------------------------------------- state
-    def note_scores(self, layer: int, scores: torch.Tensor) -> None:
-        """Selection scores [E] of ``layer``'s coming step (used by score-aware eviction)."""
-        self.executor.pending_scores[layer] = scores
-
-    def resident_mask(self, layer: int) -> torch.Tensor:
+    def resident_mask(self, layer: int, captured: bool = False) -> torch.Tensor:
         """[E] bool on the device: which experts of ``layer`` sit in a slot (cache-aware selection)."""
-        if isinstance(self.executor, GraphExecutor):
-            self.executor.wait_prefetch(layer)
-        return self.slots.table_dev[layer, : self.store.num_experts] >= 0
-
-    def slot_table(self, layer: int) -> torch.Tensor:
-        """Slot -> expert of ``layer``'s pool on the device: [K] int64 holding layer * E + expert
-        (-1 = empty), derived from the device expert -> slot table without a host read."""
-        E, K = self.store.num_experts, self.num_slots
-        pool = self.slots.layer_pool[layer]
-        layers = [i for i, p in enumerate(self.slots.layer_pool) if p == pool]
-        table = self.slots.table_dev[layers, :E].long()  # [L_pool, E]
-        ids = torch.tensor(layers, device=self.device)[:, None] * E + torch.arange(
-            E, device=self.device
-        )
-        out = torch.full((K + 1,), -1, dtype=torch.int64, device=self.device)
-        out.scatter_(0, torch.where(table >= 0, table, K).flatten(), ids.flatten())
-        return out[:K]
+        return self.executor.resident_mask(layer)
 
     def counters(self, reset: bool = True) -> dict:
         """Per-layer and total counters: hits, misses, prefetch hits/wasted, bytes, distinct, steps."""
@@ -234,8 +208,12 @@ class ExpertCache:
 
     def check_overflow(self) -> None:
         """Graph executor: raise if a step could not be served (a device read; call between steps)."""
-        if isinstance(self.executor, GraphExecutor):
-            self.executor.check_overflow()
+        self.executor.check_overflow()
+
+
+def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
 
 
 def _as_ids(experts: torch.Tensor | np.ndarray | list[int], num_experts: int) -> np.ndarray:

@@ -17,7 +17,7 @@ import torch
 from .counters import Counters
 from .eviction import EvictionPolicy, eviction_order
 from .plan import Plan, Wave
-from .prefetch import PrefetchSelect, cross_layer_votes, rank_experts
+from .prefetch import rank_experts
 from .slots import SlotStorage
 from .store import HostExpertStore
 from .transfer import TransferEngine
@@ -33,23 +33,22 @@ class EagerExecutor:
         store: HostExpertStore,
         slots: SlotStorage,
         transfer: TransferEngine,
-        policy: EvictionPolicy,
+        eviction_policy: EvictionPolicy,
         counters: Counters,
         top_k: int,
         prefetch: str,
     ) -> None:
         self.store, self.slots, self.transfer = store, slots, transfer
-        self.policy, self.counters = policy, counters
+        self.eviction_policy, self.counters = eviction_policy, counters
         self.top_k, self.prefetch_mode = top_k, prefetch
         self.L, self.E, self.K = store.num_layers, store.num_experts, slots.pool_size
         self.device = slots.device
         self.routers: dict[int, torch.Tensor] = {}  # layer -> router weight [E, H]
-        self.select: PrefetchSelect | None = None
+        self.votes: np.ndarray | None = None  # the latest step's next-layer votes [E], on the host
         self.clock = 0
         self.busy: tuple[int, np.ndarray] | None = None  # (pool, slots) the latest wave computes on
         self.unsettled: set[int] = set()  # global slots whose fill may still be in flight
         self.last_needed: list[np.ndarray | None] = [None] * self.L
-        self.pending_scores: dict[int, torch.Tensor] = {}
         self._src: dict[tuple[int, int], list[torch.Tensor]] = {}  # cached host views per expert
         pin = transfer.cuda
         # staging: [L + 2, E + 1] int32; rows 0..L-1 the slot table, L the wave map, L+1 the wave mask
@@ -68,24 +67,21 @@ class EagerExecutor:
         layer: int,
         topk_ids: torch.Tensor,
         scores: torch.Tensor | None = None,
-        hidden: torch.Tensor | None = None,
+        votes: torch.Tensor | None = None,
     ) -> Plan:
         """Make this step's experts resident; returns its waves (one unless K is too small)."""
         E = self.E
         flat = topk_ids.reshape(-1).long()
         idx = torch.where(flat >= 0, flat, E)  # [T*k], padding (-1) -> column E
-        if scores is None:
-            scores = self.pending_scores.pop(layer, None)
-        votes = self._votes(layer, hidden)
-        need, scores_h, votes_h = self._read(idx, scores, votes)  # the one device->host read
+        need, scores_h, self.votes = self._read(idx, scores, votes)  # the one device->host read
 
         self.clock += 1
         self.busy = None  # the read above waited for every earlier kernel
         pool = self.slots.layer_pool[layer]
         needed = np.flatnonzero(need)
-        self.policy.observe(layer, need)
+        self.eviction_policy.observe(layer, need)
         if scores_h is not None:
-            self.policy.note_scores(layer, scores_h)
+            self.eviction_policy.note_scores(layer, scores_h)
         self._settle_prefetch(layer, pool, need)
         self.last_needed[layer] = needed
 
@@ -114,8 +110,6 @@ class EagerExecutor:
         self.counters.add(layer, waves=len(chunks))
         if len(chunks) == 1:
             self._place(layer, pool, chunks[0], busy_copy)
-            if self.prefetch_mode != "off":
-                self._prefetch_next(layer, votes_h)
             self._upload()
             slot_ids = self.dev_ext[layer].index_select(0, idx)
             return Plan(Wave(slot_ids.view_as(topk_ids).to(topk_ids.dtype)))
@@ -196,7 +190,7 @@ class EagerExecutor:
         if len(cand) < count:
             raise RuntimeError(f"expert cache: {count} fills but only {len(cand)} evictable slots")
         sl, se = self.slots.slot_layer[pool, cand], self.slots.slot_expert[pool, cand]
-        primary, secondary = self.policy.keys(
+        primary, secondary = self.eviction_policy.keys(
             np.maximum(sl, 0), np.maximum(se, 0), self.slots.last_use[pool, cand]
         )
         primary = np.where(sl < 0, -np.inf, np.asarray(primary, dtype=np.float64))
@@ -239,21 +233,26 @@ class EagerExecutor:
             )
             s.prefetched[pool, sel] = False
 
-    def _votes(self, layer: int, hidden: torch.Tensor | None) -> torch.Tensor | None:
-        nxt = layer + 1
-        if self.prefetch_mode not in ("cross-layer", "both") or hidden is None or nxt >= self.L:
-            return None
-        router = self.routers.get(nxt)
-        if router is None:
-            return None
-        return cross_layer_votes(hidden, router, self.top_k, nxt, self.select)
+    def prefetch_next(self, layer: int) -> None:
+        """Copy the next layer's predicted experts (votes read by ``prepare``, plus its previous
+        step's set) into evictable slots; the last layer prefetches layer 0 of the next step."""
+        nxt = (layer + 1) % self.L
+        votes = self.votes if nxt == layer + 1 else None
+        ranked = rank_experts(self.prefetch_mode, self.E, votes, self.last_needed[nxt])
+        if self.prefetch(nxt, ranked):
+            self._upload()
 
-    def _prefetch_next(self, layer: int, votes: np.ndarray | None) -> None:
-        nxt = (layer + 1) % self.L  # the last layer prefetches layer 0 of the next step (temporal)
-        ranked = rank_experts(
-            self.prefetch_mode, self.E, votes if nxt == layer + 1 else None, self.last_needed[nxt]
-        )
-        self.prefetch(nxt, ranked)
+    def prefetch_ranked(self, layer: int, ranked: np.ndarray) -> None:
+        """Copy ``ranked`` experts of ``layer`` (best first) now, outside a step."""
+        self.prefetch(layer, ranked)
+        self._upload()
+
+    def resident_mask(self, layer: int) -> torch.Tensor:
+        """[E] bool on the device: experts of ``layer`` in a slot (the device table's view)."""
+        return self.slots.table_dev[layer, : self.E] >= 0
+
+    def check_overflow(self) -> None:
+        """The eager executor serves every step (in waves): nothing can overflow."""
 
     def prefetch(self, layer: int, ranked: np.ndarray) -> int:
         """Start copying the predicted experts of ``layer`` (best first) into evictable slots.
@@ -308,7 +307,3 @@ class EagerExecutor:
             ev = torch.cuda.Event()
             ev.record()
             self.staging_events[self.ring] = ev
-
-    def sync_table(self) -> None:
-        """Publish host-side table changes (e.g. after an explicit prefetch) to the device."""
-        self._upload()

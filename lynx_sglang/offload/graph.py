@@ -10,6 +10,7 @@ never silently wrong.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from lynx_sglang.kernels.offload_gather import offload_gather, offload_gather_ref
@@ -17,7 +18,7 @@ from lynx_sglang.kernels.offload_gather import offload_gather, offload_gather_re
 from .counters import COL, FIELDS, Counters
 from .eviction import EvictionPolicy, eviction_order
 from .plan import Plan, Wave
-from .prefetch import PrefetchSelect, cross_layer_votes, rank_experts_device
+from .prefetch import rank_experts_device
 from .slots import SlotStorage
 from .store import HostExpertStore
 
@@ -29,13 +30,14 @@ class GraphExecutor:
         self,
         store: HostExpertStore,
         slots: SlotStorage,
-        policy: EvictionPolicy,
+        eviction_policy: EvictionPolicy,
         counters: Counters,
         top_k: int,
         prefetch: str,
         gather_backend: str = "auto",
     ) -> None:
-        self.store, self.slots, self.policy, self.top_k = store, slots, policy, top_k
+        self.store, self.slots, self.top_k = store, slots, top_k
+        self.eviction_policy = eviction_policy
         self.prefetch_mode = prefetch
         self.gather_backend = gather_backend
         self.L, self.E, self.K, self.P = (
@@ -62,12 +64,11 @@ class GraphExecutor:
         self.last_need = torch.zeros((L, E), dtype=torch.bool, device=dev)
         self.ctr = counters.device_table(dev)  # [L + 1, C]; row L is scratch
         self.src = store.buffer.view(L * E, store.block_bytes)  # [L*E, B] uint8 rows
-        self.routers: dict[int, torch.Tensor] = {}
-        self.select: PrefetchSelect | None = None
+        self.routers: dict[int, torch.Tensor] = {}  # layer -> router weight [E, H]
+        self.votes: torch.Tensor | None = None  # the latest step's next-layer votes [E]
         self.cuda = dev.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device=dev) if self.cuda else None
         self.prefetch_events: dict[int, torch.cuda.Event] = {}
-        self.pending_scores: dict[int, torch.Tensor] = {}
 
     # ---------------------------------------------------------------- step
     def prepare(
@@ -75,14 +76,13 @@ class GraphExecutor:
         layer: int,
         topk_ids: torch.Tensor,
         scores: torch.Tensor | None = None,
-        hidden: torch.Tensor | None = None,
+        votes: torch.Tensor | None = None,
     ) -> Plan:
         """Serve one step on the device; returns a one-wave plan with a weight mask."""
         E, K = self.E, self.K
         pool = self.slots.layer_pool[layer]
         self.wait_prefetch(layer)
-        if scores is None:
-            scores = self.pending_scores.pop(layer, None)
+        self.votes = votes
         flat = topk_ids.reshape(-1).long()
         idx = torch.where(flat >= 0, flat, E)  # [T*k], padding -> column E
         need_ext = torch.zeros(E + 1, dtype=torch.bool, device=self.device).index_fill_(
@@ -91,9 +91,9 @@ class GraphExecutor:
         need_ext[E] = False
         need = need_ext[:E]  # [E]
         self.clock += 1
-        self.policy.observe(layer, need)
+        self.eviction_policy.observe(layer, need)
         if scores is not None:
-            self.policy.note_scores(layer, scores.reshape(E).float())
+            self.eviction_policy.note_scores(layer, scores.reshape(E).float())
         pf_hits, pf_wasted = self._settle_prefetch(layer, pool, need)
         self.last_need[layer] = need
 
@@ -132,8 +132,6 @@ class GraphExecutor:
         bad = unserved.index_select(0, idx)
         slot_ids = torch.where(bad, 0, slot_ids).view_as(topk_ids).to(topk_ids.dtype)
         weight_mask = torch.where(bad, float("nan"), 1.0).view_as(topk_ids)  # [T, k] float32
-        if self.prefetch_mode != "off" and layer + 1 < self.L:
-            self._prefetch(layer, hidden)
         return Plan(Wave(slot_ids, weight_mask))
 
     # ---------------------------------------------------------------- pieces
@@ -148,7 +146,7 @@ class GraphExecutor:
         """Slots in eviction order (empty, then policy; protected last) and how many may go."""
         K = self.K
         sl, se = self.slot_layer[pool, :K], self.slot_expert[pool, :K]
-        primary, secondary = self.policy.keys(
+        primary, secondary = self.eviction_policy.keys(
             sl.clamp(min=0), se.clamp(min=0), self.last_use[pool, :K]
         )
         primary = primary.double()
@@ -236,17 +234,11 @@ class GraphExecutor:
         if ev is not None:
             torch.cuda.current_stream(self.device).wait_event(ev)
 
-    def _prefetch(self, layer: int, hidden: torch.Tensor | None) -> None:
-        """Predict layer+1's experts and copy them on the copy stream; layer+1 waits on its event."""
-        nxt = layer + 1
-        votes = None
-        if (
-            self.prefetch_mode in ("cross-layer", "both")
-            and hidden is not None
-            and nxt in self.routers
-        ):
-            votes = cross_layer_votes(hidden, self.routers[nxt], self.top_k, nxt, self.select)
-        if votes is None and self.prefetch_mode == "cross-layer":
+    def prefetch_next(self, layer: int) -> None:
+        """Copy layer+1's predicted experts (the votes given to ``prepare``, plus its previous
+        step's set) on the copy stream; layer+1 waits on its event."""
+        nxt, votes = layer + 1, self.votes
+        if nxt >= self.L or (votes is None and self.prefetch_mode == "cross-layer"):
             return
         score = rank_experts_device(self.prefetch_mode, self.E, votes, self.last_need[nxt])
         if not self.cuda:
@@ -285,6 +277,19 @@ class GraphExecutor:
         self.last_use[pool].index_put_((vslot,), self.clock.expand(K))
         n = valid.sum()
         self._count(nxt, prefetch_fills=n, bytes_h2d=n * self.store.nbytes_per_expert)
+
+    def prefetch_ranked(self, layer: int, ranked: np.ndarray) -> None:
+        """Copy ``ranked`` experts of ``layer`` (best first) now, outside a step."""
+        score = torch.zeros(self.E, dtype=torch.float32, device=self.device)
+        score[torch.as_tensor(ranked, device=self.device)] = torch.arange(
+            len(ranked), 0, -1, dtype=torch.float32, device=self.device
+        )
+        self.prefetch(layer, score)
+
+    def resident_mask(self, layer: int) -> torch.Tensor:
+        """[E] bool on the device: experts of ``layer`` in a slot, after its prefetch copies."""
+        self.wait_prefetch(layer)
+        return self.slots.table_dev[layer, : self.E] >= 0
 
     def check_overflow(self) -> None:
         """Raise if any step could not be served (reads a device counter: call outside a step)."""

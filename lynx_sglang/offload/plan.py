@@ -29,12 +29,6 @@ class Wave:
             return topk_weights
         return topk_weights * self.weight_mask.to(topk_weights.dtype)
 
-    def masked_slot_ids(self) -> torch.Tensor:
-        """Slot ids with other waves' choices set to -1 (for kernels that skip -1 ids)."""
-        if self.weight_mask is None:
-            return self.slot_ids
-        return self.slot_ids.masked_fill(self.weight_mask == 0, -1)
-
 
 class Plan:
     """The waves of one prepared step. Iterate once, in order, queueing each wave's compute

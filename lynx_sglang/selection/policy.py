@@ -1,4 +1,4 @@
-"""The Lynx expert-selection policy: its parameters, the torch reference (the spec and the test
+"""The Lynx expert-selection policy: the torch reference (the spec and the test
 oracle for the Triton kernels) and the dispatch between the two.
 
 Named dimensions: G groups (independent decode batches), T tokens, E experts, k top-k slots.
@@ -8,80 +8,14 @@ Imports only torch; the Triton kernels are imported lazily by the dispatch.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, Optional, Union
+from typing import Optional
 
 import torch
 
-if TYPE_CHECKING:
-    from lynx_sglang.config import LynxConfig
+from lynx_sglang.config import BUDGET_SCALE, SelectionParams
+from lynx_sglang.selection.types import MAX_KERNEL_EXPERTS, NumValid, SelectionResult
 
-POLICIES = ("lynx", "oea")
 BACKENDS = ("auto", "triton", "torch")
-# The budget is applied in integer millionths, so ceil(0.6 * 10) is 6 (float32 would say 7).
-BUDGET_SCALE = 1_000_000
-# Largest expert count the Triton kernels take (one program holds a row of E logits).
-MAX_KERNEL_EXPERTS = 1024
-
-NumValid = Union[None, int, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class SelectionParams:
-    """The selection knobs (a subset of ``LynxConfig``), validated once."""
-
-    policy: str = "lynx"  # "lynx" | "oea"
-    budget: float = 0.6  # fraction of the batch's distinct experts kept, (0, 1]
-    max_experts: int = 0  # absolute cap on the kept set (0: none)
-    protect_top: int = 1  # each token's top-N choices never move (OEA's k0)
-    protect_p: float = 0.0  # also protect choices while the mass ranked before them is < p
-    conf_bins: int = 4  # confidence bins over the top-1 router probability
-    low_conf_weight: float = 2.0  # score weight of the least-confident bin (most confident: 1)
-    cache_bonus: float = 0.0  # resident experts' scores are multiplied by (1 + bonus)
-
-    def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if not 0.0 < self.budget <= 1.0:
-            raise ValueError(f"budget must be in (0, 1], got {self.budget}")
-        if self.max_experts < 0 or self.protect_top < 0:
-            raise ValueError("max_experts and protect_top must be >= 0")
-        if not 0.0 <= self.protect_p < 1.0:
-            raise ValueError(f"protect_p must be in [0, 1), got {self.protect_p}")
-        if self.conf_bins < 1:
-            raise ValueError(f"conf_bins must be >= 1, got {self.conf_bins}")
-        if self.low_conf_weight < 1.0:
-            raise ValueError(f"low_conf_weight must be >= 1, got {self.low_conf_weight}")
-        if self.cache_bonus < 0.0:
-            raise ValueError(f"cache_bonus must be >= 0, got {self.cache_bonus}")
-
-    @classmethod
-    def from_config(cls, cfg: LynxConfig) -> SelectionParams:
-        """The selection part of the plugin config."""
-        return cls(
-            policy=cfg.policy,
-            budget=cfg.budget,
-            max_experts=cfg.max_experts,
-            protect_top=cfg.protect_top,
-            protect_p=cfg.protect_p,
-            conf_bins=cfg.conf_bins,
-            low_conf_weight=cfg.low_conf_weight,
-            cache_bonus=cfg.cache_bonus,
-        )
-
-    @property
-    def budget_ppm(self) -> int:
-        """The budget in millionths (integer arithmetic on device, same in torch and Triton)."""
-        return round(self.budget * BUDGET_SCALE)
-
-
-class SelectionResult(NamedTuple):
-    """The remapped routing plus the batch's kept set and scores."""
-
-    topk_ids: torch.Tensor  # [..., T, k] same dtype as the input ids
-    topk_weights: torch.Tensor  # [..., T, k] same dtype as the input weights
-    keep: torch.Tensor  # [..., E] bool, the kept set
-    scores: torch.Tensor  # [..., E] float32 batch-wide scores (after the cache bonus)
 
 
 # ---------------------------------------------------------------------------------------------

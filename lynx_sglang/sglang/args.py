@@ -7,12 +7,11 @@ second with one line; the rest of the command line goes to SGLang's own parser u
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from lynx_sglang.config import ConfigError, LynxConfig
+from lynx_sglang.config import ConfigError, LynxConfig, flag_name, setting_names
 
 PROG = "lynx-sglang-server"
 FLAG_PREFIX = "--lynx"
@@ -36,7 +35,7 @@ def lynx_parser(prog: str = PROG) -> OneLineParser:
 def parse_lynx_args(
     argv: Sequence[str], prog: str = PROG, environ: dict | None = None
 ) -> tuple[LynxConfig, list[str]]:
-    """Split ``argv`` into our config (flags over ``LYNX_*`` env over defaults) and SGLang's
+    """Split ``argv`` into our config (flags over ``LYNX_SGLANG_*`` env over defaults) and SGLang's
     arguments. Exits with status 2 and one line on an unknown or malformed lynx setting."""
     parser = lynx_parser(prog)
     namespace, rest = parser.parse_known_args(list(argv))
@@ -54,7 +53,7 @@ def parse_lynx_args(
 
 def lynx_flags() -> list[str]:
     """Every ``--lynx-*`` flag, in config order."""
-    return [FLAG_PREFIX + "-" + f.name.replace("_", "-") for f in dataclasses.fields(LynxConfig)]
+    return [flag_name(name) for name in setting_names()]
 
 
 def wants_help(argv: Sequence[str]) -> bool:
@@ -68,8 +67,8 @@ def full_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="SGLang's server with lynx-sglang (batch-aware expert selection and a "
-        "CPU-GPU expert cache). Every --lynx-* flag can also be set as a LYNX_* environment "
-        "variable (e.g. LYNX_MODE=lynx).",
+        "CPU-GPU expert cache). Every --lynx-* flag can also be set as a LYNX_SGLANG_* environment "
+        "variable (e.g. LYNX_SGLANG_MODE=lynx).",
     )
     ServerArgs.add_cli_args(parser)
     LynxConfig.add_cli_args(parser)

@@ -1,11 +1,12 @@
-"""The functions we hook into SGLang (registered in ``plugin.HOOKS``); each is a thin adapter.
+"""Every hook we place in SGLang: the table (``HOOKS``), its verification, and the functions.
 
+Only what SGLang offers no other way to reach is hooked; each function is a thin adapter:
 - ``after_check_server_args``  main process: validate settings vs the resolved server config.
 - ``around_load_model``        scheduler: build the runtime (host store, cache) then the model.
 - ``around_forward_raw``       every forward: decode or not, and the real row count.
 - ``around_capture_one_shape`` decode CUDA-graph capture: row count read from a device buffer.
-- ``after_topk``               selection on the TopK output (decode batches only).
-- ``before_fused_moe_init``    offload: hand each FusedMoE our quant method.
+- ``around_fused_moe_init``    every FusedMoE gets ``LynxMoEMethod`` around its own method,
+                               where the whole layer step runs (``lynx_sglang.step``).
 
 Heavy modules are imported inside the functions: plugins load in every SGLang process.
 """
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, NamedTuple
 
 import torch
+from sglang.srt.plugins.hook_registry import HookType
 
 from lynx_sglang.config import LynxConfig
 from lynx_sglang.sglang import runtime as rt_mod
@@ -42,7 +45,6 @@ def after_check_server_args(result: Any, server_args: Any) -> None:
     from sglang.srt.utils.hf_transformers_utils import get_config
 
     from lynx_sglang.sglang.checks import check, facts_from_server_args, with_hf_config
-    from lynx_sglang.sglang.plugin import verify_hooks
 
     cfg = config_from_env()
     if cfg.mode == "off":
@@ -66,7 +68,6 @@ def after_check_server_args(result: Any, server_args: Any) -> None:
 def around_load_model(original: Callable, runner: Any, *args: Any, **kwargs: Any) -> Any:
     """Check everything against the model's config, build the runtime, load, check the layers."""
     from lynx_sglang.sglang.checks import check, facts_from_model_runner
-    from lynx_sglang.sglang.plugin import verify_hooks
 
     cfg = config_from_env()
     if cfg.mode == "off":
@@ -87,7 +88,6 @@ def around_load_model(original: Callable, runner: Any, *args: Any, **kwargs: Any
 
 def _start_runtime(cfg: LynxConfig, runner: Any) -> rt_mod.LynxRuntime:
     from lynx_sglang.sglang import metrics
-    from lynx_sglang.sglang.routing import prefetch_selector
 
     model_config = runner.model_config
     model = rt_mod.ModelFacts.from_hf_config(model_config.hf_config, model_config.dtype)
@@ -96,19 +96,17 @@ def _start_runtime(cfg: LynxConfig, runner: Any) -> rt_mod.LynxRuntime:
     runtime = rt_mod.LynxRuntime(cfg, model, device, stats=reporter.enabled)
     runtime.reporter = reporter
     reporter.attach(runtime)
-    if runtime.cache is not None and runtime.params is not None and cfg.prefetch_select:
-        runtime.cache.set_prefetch_select(prefetch_selector(runtime))
     logger.info("lynx-sglang: %s on %s", _describe(cfg, runtime), device)
     return runtime
 
 
 def _finish_load(runtime: rt_mod.LynxRuntime, model: torch.nn.Module) -> None:
-    """Every MoE layer runs on the triton runner (and, with offload, through our method);
-    routers are handed to the cache for cross-layer prefetch."""
+    """Every MoE layer runs on the triton runner through our method; routers are handed to
+    the cache for cross-layer prefetch."""
     from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
 
     from lynx_sglang.sglang.checks import SUPPORTED, UnsupportedConfig
-    from lynx_sglang.sglang.moe_method import OffloadMoEMethod
+    from lynx_sglang.sglang.moe_method import LynxMoEMethod
 
     layers = [m for m in model.modules() if isinstance(m, FusedMoE)]
     problems = []
@@ -118,8 +116,8 @@ def _finish_load(runtime: rt_mod.LynxRuntime, model: torch.nn.Module) -> None:
         backend = layer.runner_backend
         if backend is None or not backend.is_triton():
             problems.append(f"layer {layer.layer_id} runs on the {backend} MoE runner")
-        if runtime.cache is not None and not isinstance(layer.quant_method, OffloadMoEMethod):
-            problems.append(f"layer {layer.layer_id} was not wrapped for offload")
+        if not isinstance(layer.quant_method, LynxMoEMethod):
+            problems.append(f"layer {layer.layer_id} was not wrapped by lynx-sglang")
     if problems:
         raise UnsupportedConfig(
             f"lynx-sglang --lynx-mode {runtime.cfg.mode}: "
@@ -187,26 +185,26 @@ def around_capture_one_shape(
         return original(graph_runner, size, *args, **kwargs)
 
 
-def after_topk(result: Any, topk: Any, *args: Any, **kwargs: Any) -> Any:
-    """Lynx selection on a decode batch's TopK output (target model only)."""
+def around_fused_moe_init(original: Callable, layer: Any, *args: Any, **kwargs: Any) -> None:
+    """Give the layer ``LynxMoEMethod`` around its own quant method. With offload the method
+    must be in place before the weights exist (they become K GPU slots), so it is passed in;
+    otherwise the layer's own method (unquantised, or SGLang's paged experts) is wrapped."""
     runtime = rt_mod.active()
-    if runtime is None or runtime.params is None or topk.is_draft:
-        return result
-    from lynx_sglang.sglang.routing import select_topk_output
+    if runtime is None:
+        return original(layer, *args, **kwargs)
+    from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
 
-    return select_topk_output(runtime, topk.layer_id, result)
-
-
-def before_fused_moe_init(layer: Any, *args: Any, **kwargs: Any) -> Optional[tuple]:
-    """With offload on, construct the layer with our quant method (K slots over the host store)."""
-    runtime = rt_mod.active()
-    if runtime is None or runtime.cache is None:
-        return None
     from lynx_sglang.sglang.checks import UnsupportedConfig
-    from lynx_sglang.sglang.moe_method import OffloadMoEMethod
+    from lynx_sglang.sglang.moe_method import LynxMoEMethod
 
     bound = _fused_moe_signature().bind(layer, *args, **kwargs)
+    bound.apply_defaults()
     given = bound.arguments
+    if runtime.cache is None:
+        original(*bound.args, **bound.kwargs)
+        layer.weight_load_method = layer.weight_load_method or layer.quant_method
+        layer.quant_method = LynxMoEMethod(runtime, given["layer_id"], layer.quant_method)
+        return None
     if given.get("quant_config") is not None or given.get("quant_method") is not None:
         raise UnsupportedConfig(
             f"lynx-sglang offload: layer {given.get('layer_id')} is quantised; offload supports "
@@ -217,8 +215,9 @@ def before_fused_moe_init(layer: Any, *args: Any, **kwargs: Any) -> Optional[tup
             "lynx-sglang offload: fused shared experts are not supported "
             "(add --disable-shared-experts-fusion)"
         )
-    given["quant_method"] = OffloadMoEMethod(runtime, given["layer_id"])
-    return bound.args, bound.kwargs
+    base = UnquantizedFusedMoEMethod()
+    given["quant_method"] = LynxMoEMethod(runtime, given["layer_id"], base)
+    return original(*bound.args, **bound.kwargs)
 
 
 def _fused_moe_signature() -> inspect.Signature:
@@ -226,3 +225,102 @@ def _fused_moe_signature() -> inspect.Signature:
     from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
 
     return inspect.signature(FusedMoE.__init__)
+
+
+# ---------------------------------------------------------------------------------------------
+# The table of hooks, and its verification
+# ---------------------------------------------------------------------------------------------
+
+
+class Hook(NamedTuple):
+    """One hook: the SGLang function it wraps, our function, and how it wraps."""
+
+    target: str
+    fn: Callable
+    kind: HookType
+
+
+_RUNNER = "sglang.srt.model_executor.model_runner.ModelRunner"
+_GRAPH = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner"
+
+HOOKS: tuple[Hook, ...] = (
+    # Main process: validate the lynx settings against the resolved server config.
+    Hook(
+        "sglang.srt.server_args.ServerArgs.check_server_args",
+        after_check_server_args,
+        HookType.AFTER,
+    ),
+    # Scheduler: build the runtime (store, cache) before the model is built; check after.
+    Hook(f"{_RUNNER}.load_model", around_load_model, HookType.AROUND),
+    # Every forward: is it a pure decode batch, and how many rows are real.
+    Hook(f"{_RUNNER}._forward_raw", around_forward_raw, HookType.AROUND),
+    Hook(f"{_GRAPH}.capture_one_shape", around_capture_one_shape, HookType.AROUND),
+    # Every MoE layer: our quant method around the layer's own, where the whole step runs.
+    Hook(
+        "sglang.srt.layers.moe.fused_moe_triton.layer.FusedMoE.__init__",
+        around_fused_moe_init,
+        HookType.AROUND,
+    ),
+)
+
+
+class HooksMissing(RuntimeError):
+    """A lynx mode was requested but some of our hooks are not installed (one line)."""
+
+
+def times_installed(hook: Hook) -> int:
+    """How many times ``hook.fn`` sits in the call chain of its target (0: not installed).
+
+    Imports nothing: a target whose module was never imported cannot have been patched."""
+    owner_path, attr = hook.target.rsplit(".", 1)
+    owner = _imported(owner_path)
+    if owner is None:
+        return 0
+    fn = owner.__dict__.get(attr) if isinstance(owner, type) else getattr(owner, attr, None)
+    count = 0
+    while fn is not None:
+        cells = getattr(fn, "__closure__", None) or ()
+        count += sum(1 for cell in cells if _cell(cell) is hook.fn)
+        fn = getattr(fn, "__wrapped__", None)
+    return count
+
+
+def missing_hooks() -> list[str]:
+    """Targets whose hook is not in the call chain."""
+    return [hook.target for hook in HOOKS if times_installed(hook) == 0]
+
+
+def verify_hooks(cfg: LynxConfig) -> None:
+    """Raise ``HooksMissing`` when ``cfg`` asks for a mode and any hook is not installed."""
+    if cfg.mode == "off":
+        return
+    missing = missing_hooks()
+    if missing:
+        raise HooksMissing(
+            f"lynx-sglang --lynx-mode {cfg.mode}: the SGLang plugin hooks are not installed "
+            f"({len(missing)} missing, e.g. {missing[0]}); check that the lynx_sglang plugin is "
+            "installed (pip install -e .), not excluded by SGLANG_PLUGINS, and loaded without "
+            "errors (see the SGLang log)"
+        )
+
+
+def _imported(path: str) -> object | None:
+    """The object at dotted ``path`` if its module is already imported, else None."""
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        module = sys.modules.get(".".join(parts[:i]))
+        if module is not None:
+            obj: object = module
+            for name in parts[i:]:
+                obj = getattr(obj, name, None)
+                if obj is None:
+                    return None
+            return obj
+    return None
+
+
+def _cell(cell: object) -> object:
+    try:
+        return cell.cell_contents  # type: ignore[attr-defined]
+    except ValueError:  # an empty cell
+        return None

@@ -1,40 +1,44 @@
-"""The fused-MoE method that puts our expert cache under a ``FusedMoE`` layer.
+"""The one quant method through which every lynx mode runs a ``FusedMoE`` layer.
 
-It wraps the layer's own (unquantised) method, as SGLang's paged experts does:
-- ``create_weights``: the layer's expert parameters become the cache's K GPU slots, and their
-  loaders write every expert into the pinned host store instead (SGLang's own per-expert loader
-  runs on a one-expert view of the store, so the host keeps exactly the GPU layout);
-- ``apply``: the cache makes the step's experts resident and rewrites expert ids to slot ids,
-  then the wrapped method runs its fused kernel on the slots (once per wave, summed).
+``LynxMoEMethod`` wraps the layer's own fused-MoE method (its "base"), as SGLang's paged experts
+does, and its ``apply`` runs ``lynx_sglang.step.moe_layer_step``: selection on the router logits
+SGLang passes in the TopK output, then (with offload) the expert cache, then the base method's
+fused kernel. The modes differ only in the base and in whether the cache is there:
+- ``lynx``: the layer's own method (unquantised triton, or SGLang's ``--enable-paged-experts``
+  method, whose own cache then serves the shrunken set), no cache of ours;
+- ``offload`` / ``lynx+offload``: an unquantised base whose parameters become the cache's K GPU
+  slots; their loaders write every expert into the pinned host store instead (SGLang's own
+  per-expert loader runs on a one-expert view of the store, so the host keeps the GPU layout).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
 
 import torch
 from sglang.srt.layers.moe.token_dispatcher import StandardCombineInput
+from sglang.srt.layers.moe.topk import StandardTopKOutput
 from sglang.srt.layers.quantization.base_config import FusedMoEMethodBase
-from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
 
 from lynx_sglang.sglang.runtime import LynxRuntime
+from lynx_sglang.step import moe_layer_step
 
 # FusedMoE parameter -> host store tensor.
 PARAMS = {"w13_weight": "w13", "w2_weight": "w2"}
 
 
-class OffloadMoEMethod(FusedMoEMethodBase, torch.nn.Module):
-    """A ``FusedMoE`` quant method serving the layer from K GPU slots over a host store."""
+class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
+    """A ``FusedMoE`` quant method: the layer's step through ``moe_layer_step`` over ``base``."""
 
-    def __init__(self, runtime: LynxRuntime, layer_id: int) -> None:
+    def __init__(self, runtime: LynxRuntime, layer_id: int, base_method: Any) -> None:
         torch.nn.Module.__init__(self)
         self.runtime = runtime
-        self.cache = runtime.cache
+        self.cache = runtime.cache  # None: every expert resident (in the base's own weights)
         self.index = runtime.index(layer_id)  # dense MoE-layer index in the store and cache
-        self.base_method = UnquantizedFusedMoEMethod()
-        self.runner = None
+        self.base_method = base_method
+        self.runner = getattr(base_method, "runner", None)
         self._host_interleaved = False
 
     # ------------------------------------------------------------------ construction
@@ -47,7 +51,14 @@ class OffloadMoEMethod(FusedMoEMethodBase, torch.nn.Module):
         params_dtype: torch.dtype,
         **extra: Any,
     ) -> None:
-        """The base method's parameters at K rows, bound to the cache's slot tensors."""
+        """With offload, the base method's parameters at K rows, bound to the cache's slot
+        tensors; without, the base method's own."""
+        if self.cache is None:
+            self.base_method.create_weights(
+                layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                **extra,
+            )  # fmt: skip
+            return
         if extra.get("with_bias"):
             raise RuntimeError("lynx-sglang offload: MoE experts with biases are not supported")
         slots = self.cache.slot_weights(self.index)  # {"w13": [K, 2I, H], "w2": [K, H, I]}
@@ -113,7 +124,12 @@ class OffloadMoEMethod(FusedMoEMethodBase, torch.nn.Module):
         return weight_loader
 
     def create_moe_runner(self, layer: torch.nn.Module, moe_runner_config: Any) -> None:
-        """The base runner over K experts, out of place (a step may run in several waves)."""
+        """The base runner; with offload over K experts, out of place (a step may run in
+        several waves)."""
+        if self.cache is None:
+            self.base_method.create_moe_runner(layer, moe_runner_config)
+            self.runner = getattr(self.base_method, "runner", None)
+            return
         num_slots = layer.w13_weight.shape[0]
         self.base_method.create_moe_runner(
             layer,
@@ -137,7 +153,8 @@ class OffloadMoEMethod(FusedMoEMethodBase, torch.nn.Module):
         to the host store too, so copied-in experts have the layout the kernel expects."""
         self.base_method.process_weights_after_loading(layer)
         if (
-            getattr(self.base_method, "w13_swiglu_interleaved", False)
+            self.cache is not None
+            and getattr(self.base_method, "w13_swiglu_interleaved", False)
             and not self._host_interleaved
         ):
             w13 = self.cache.store.tensor(self.index, "w13")  # [E, 2I, H]
@@ -147,41 +164,54 @@ class OffloadMoEMethod(FusedMoEMethodBase, torch.nn.Module):
                 w13[e] = w13[e][order]
             self._host_interleaved = True
 
+    def __getattr__(self, name: str) -> Any:
+        """Anything else SGLang asks of the method is the base method's."""
+        try:
+            return torch.nn.Module.__getattr__(self, name)
+        except AttributeError:
+            return getattr(torch.nn.Module.__getattr__(self, "base_method"), name)
+
     # ------------------------------------------------------------------ forward
-    def apply(self, layer: torch.nn.Module, dispatch_output: Any) -> StandardCombineInput:
-        """Make the step's experts resident, then run the base kernel on slot ids per wave."""
-        topk = dispatch_output.topk_output
-        x = dispatch_output.hidden_states  # [T, H]
-        ids = topk.topk_ids  # [T, k]
-        step = self.runtime.step
-        num_valid = step.num_valid if step.decode else None
-        padded = isinstance(num_valid, torch.Tensor) or (
-            isinstance(num_valid, int) and num_valid < ids.shape[0]
+    def apply(self, layer: torch.nn.Module, dispatch_output: Any) -> Any:
+        """One step of the layer: ``moe_layer_step`` with the base method's kernel."""
+        topk = dispatch_output.topk_output  # StandardTopKOutput(topk_weights, topk_ids, logits)
+        if type(topk) is not StandardTopKOutput:  # other runners' formats: the checks refuse
+            return self.base_method.apply(layer, dispatch_output)
+        rt = self.runtime
+        out = moe_layer_step(
+            self.index,
+            dispatch_output.hidden_states,  # [T, H]
+            topk.topk_ids,  # [T, k]
+            topk.topk_weights,  # [T, k]
+            topk.router_logits,  # [T, E]
+            self._kernel(layer, dispatch_output),
+            step=rt.step,
+            selection=rt.selection,
+            cache=self.cache,
+            stats=rt.stats,
         )
-        if padded:  # CUDA-graph padding rows need no expert
-            rows = torch.arange(ids.shape[0], device=ids.device)[:, None]
-            ids = torch.where(rows < num_valid, ids, -1)
-
-        def compute(
-            x: torch.Tensor,
-            w13: torch.Tensor,
-            w2: torch.Tensor,
-            slot_ids: torch.Tensor,
-            weights: torch.Tensor,
-        ) -> torch.Tensor:
-            if padded:  # padding keeps -1: point it at slot 0 with weight 0
-                pad = slot_ids < 0
-                slot_ids, weights = slot_ids.masked_fill(pad, 0), weights.masked_fill(pad, 0)
-            if x.device.type == "cpu":  # SGLang's CPU path needs distinct ids within a row
-                slot_ids = spread_unused(slot_ids, weights == 0, w13.shape[0])
-            wave = dispatch_output._replace(
-                hidden_states=x,
-                topk_output=topk._replace(topk_ids=slot_ids, topk_weights=weights),
-            )
-            return self.base_method.apply(layer, wave).hidden_states
-
-        out = self.cache.forward(self.index, x, ids, topk.topk_weights, compute)
         return StandardCombineInput(hidden_states=out)
+
+    def _kernel(self, layer: torch.nn.Module, dispatch_output: Any) -> Callable[..., torch.Tensor]:
+        """The base method's fused kernel on given ids and weights (slot ids over the cache's
+        slot tensors, which are the layer's parameters, or expert ids over the layer's own)."""
+        topk = dispatch_output.topk_output
+
+        def kernel(
+            x: torch.Tensor,
+            ids: torch.Tensor,
+            weights: torch.Tensor,
+            experts: Optional[Mapping[str, torch.Tensor]],
+        ) -> torch.Tensor:
+            if experts is not None and x.device.type == "cpu":
+                # SGLang's CPU path needs distinct ids within a row
+                ids = spread_unused(ids, weights == 0, experts["w13"].shape[0])
+            call = dispatch_output._replace(
+                hidden_states=x, topk_output=topk._replace(topk_ids=ids, topk_weights=weights)
+            )
+            return self.base_method.apply(layer, call).hidden_states
+
+        return kernel
 
 
 def spread_unused(slot_ids: torch.Tensor, unused: torch.Tensor, num_slots: int) -> torch.Tensor:

@@ -9,26 +9,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Optional
 
 import torch
 
 from lynx_sglang.config import LynxConfig
-from lynx_sglang.selection import SelectionParams, distinct_experts
 from lynx_sglang.sglang.checks import moe_layer_ids, num_experts_of
-
-NumValid = Union[None, int, torch.Tensor]
-
-
-class Step(NamedTuple):
-    """The forward pass now running: a pure decode batch or not, and its real row count
-    (an int in eager mode, a 0-dim device tensor under CUDA-graph capture, None: all rows)."""
-
-    decode: bool = False
-    num_valid: NumValid = None
-
-
-NOT_DECODE = Step()
+from lynx_sglang.step import NOT_DECODE, SelectionStats, Step
 
 
 @dataclass(frozen=True)
@@ -56,38 +43,6 @@ class ModelFacts:
         )
 
 
-class SelectionStats:
-    """Per-layer device counters of selection (no host sync in a step): [L, 3] int64 of
-    (decode steps, distinct experts before selection, distinct experts after)."""
-
-    FIELDS = ("steps", "distinct_before", "distinct_after")
-
-    def __init__(self, num_layers: int, num_experts: int, device: torch.device) -> None:
-        self.num_experts = num_experts
-        self.table = torch.zeros(num_layers, len(self.FIELDS), dtype=torch.int64, device=device)
-        self.one = torch.ones((), dtype=torch.int64, device=device)
-
-    def record(
-        self, layer: int, ids_before: torch.Tensor, ids_after: torch.Tensor, num_valid: NumValid
-    ) -> None:
-        """Add one step of ``layer`` (ids: [T, k]; padding rows excluded)."""
-        before = distinct_experts(ids_before, self.num_experts, num_valid)
-        after = distinct_experts(ids_after, self.num_experts, num_valid)
-        self.table[layer] += torch.stack([self.one, before, after])
-
-    def read(self, reset: bool = True) -> dict:
-        """Totals over layers, with per-step averages (one device read)."""
-        total = self.table.sum(0).tolist()
-        if reset:
-            self.table.zero_()
-        steps, before, after = total
-        return {
-            "steps": steps,
-            "distinct_before": before / steps if steps else 0.0,
-            "distinct_after": after / steps if steps else 0.0,
-        }
-
-
 class LynxRuntime:
     """Config, step state, selection and (with offload) the host store plus GPU expert cache."""
 
@@ -101,7 +56,7 @@ class LynxRuntime:
         # MoE decoder layer id -> dense index into the store / cache / stats ([L] tables).
         self.layer_index = {lid: i for i, lid in enumerate(model.moe_layer_ids)}
         num_layers = len(model.moe_layer_ids)
-        self.params = SelectionParams.from_config(cfg) if cfg.selection_on else None
+        self.selection = cfg.selection if cfg.selection_on else None
         self.stats = (
             SelectionStats(num_layers, model.num_experts, self.device)
             if stats and cfg.selection_on

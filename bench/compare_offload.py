@@ -44,19 +44,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench import quality
+from bench import peers, quality
 from bench.compare_report import plot, print_report
 from bench.projection import SHAPES, Hardware, Shape, layer_seconds, step_seconds
 from lynx_sglang import SHIPPED_MODEL
+from lynx_sglang.config import SelectionParams
 from lynx_sglang.model.qwen3_moe import MoEModel, experts_forward
 from lynx_sglang.offload import ExpertCache, HostExpertStore
-from lynx_sglang.selection.policy import SelectionParams, select_experts, select_experts_ref
+from lynx_sglang.selection import select_experts_ref
+from lynx_sglang.step import Step, moe_layer_step
 
 RESULTS = Path(__file__).parent / "results"
 QUALITY_GOAL = {"ppl_rel_increase": 0.005, "agreement": 0.99}  # bench/quality.py's goal
 SPEEDUP_GOAL = {"batches": [16, 32], "speedup": 2.0}
 OURS = "offload (ours)"
 SGLANG_PEER = "offload: sglang paged experts"
+SGLANG_LYNX = "lynx on sglang paged experts"
+MIN_BOUND = "bound: Belady MIN"
+MIN_LYNX = "bound: Belady MIN + lynx"
 ACCEL_PEER = "offload: accelerate cpu offload"
 PRODUCT = "lynx+offload"
 VARIANTS = {  # name -> (cache-aware selection, prefetch)
@@ -67,10 +72,6 @@ VARIANTS = {  # name -> (cache-aware selection, prefetch)
 }
 QUICK = dict(prefill=24, decode=16, warmup=4, max_batches=1, k_fractions="0.25,0.5",
              evictions="lfu,score", prefetches="cross-layer", budgets="")  # fmt: skip
-SGLANG_HINT = (
-    "needs GPU + SGLang server: run `python -m sglang.launch_server --model-path {model} "
-    "--enable-paged-experts --paged-experts-num-resident {K}` and time decode at each batch"
-)
 DISTINCT, HITS, MISSES, PREFETCHED, WAVES = range(5)  # Run.counts columns
 
 
@@ -162,6 +163,10 @@ class Run:
     resident: torch.Tensor | None  # [W, D, L, E] bool: what cache-aware selection saw
     step_ms: float | None = None  # measured (GPU): median over repeats of the mean step
     expert_gpu_bytes: int | None = None  # measured (accelerate peer)
+    # The path the server takes for these decode steps, and its host time per layer-step that
+    # the GPU waits for (0 inside a captured CUDA graph; measured in this replay otherwise).
+    path: str = "CUDA graph"
+    host_us: float = 0.0
 
 
 @dataclass
@@ -192,27 +197,15 @@ class Gpu:
         return self._resident
 
 
-def make_prefetch_select(cache: ExpertCache, params: SelectionParams, aware: bool):
-    """Predicted routing of the next layer -> the set Lynx would keep (what prefetch copies)."""
-
-    def select(layer: int, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        p = torch.softmax(logits.float(), dim=-1)  # [T, E]
-        w = p.gather(-1, ids.long())
-        res = cache.resident_mask(layer) if aware else None
-        return select_experts(
-            logits, ids, w / w.sum(-1, keepdim=True), params, resident=res
-        ).topk_ids
-
-    return select
-
-
 def replay(R: Routing, setup: Setup, params: SelectionParams, pre: dict, gates, warmup: int,
            gpu: Gpu | None = None) -> Run:  # fmt: skip
-    """Replay the recorded routing through ``setup``: decode step by step, layer by layer.
+    """Replay the recorded routing through ``setup``, decode step by step, layer by layer, each
+    layer-step through ``lynx_sglang.step.moe_layer_step`` as the server runs it (selection in
+    the step, so cache-aware selection sees the cache as it is and score eviction gets the
+    selection's scores). On a GPU each step is computed and timed; on a CPU only counted (the
+    kernel is a no-op) and the host time of the cache's planning in every layer-step measured.
 
-    pre: {"lynx": SelectionResult over the whole trace (where selection does not depend on the
-    cache), "base_scores": [W, D, L, E] router scores (score eviction without selection)}.
-    On a GPU each step's MoE layers are also computed and timed; on a CPU only counted.
+    pre: {"lynx": SelectionResult over the whole trace} (the resident rows' distinct counts).
     """
     W, D, L, B, E = R.logits.shape
     k, dev = R.ids.shape[-1], R.logits.device
@@ -229,10 +222,12 @@ def replay(R: Routing, setup: Setup, params: SelectionParams, pre: dict, gates, 
         if cross:
             for layer in range(L):
                 cache.set_router(layer, gates[layer].to(dev))
-            if setup.lynx:
-                cache.set_prefetch_select(make_prefetch_select(cache, params, setup.aware))
+        clock = _HostClock(cache)
+    selection = params if setup.lynx else None
+    kernels = [_kernel(gpu, layer, dev) for layer in range(L)]
+    step = Step(decode=True, num_valid=B)
     seen = torch.zeros(W, D, L, E, dtype=torch.bool) if setup.aware else None
-    times = []
+    times, host_ns = [], []
     for rep in range(gpu.repeats if gpu else 1):
         events = []
         for n, (w, d) in enumerate(itertools.product(range(W), range(D))):
@@ -241,30 +236,18 @@ def replay(R: Routing, setup: Setup, params: SelectionParams, pre: dict, gates, 
                 events.append([torch.cuda.Event(enable_timing=True) for _ in range(2)])
                 events[-1][0].record()
             for layer in range(L):
-                ids, wts = R.ids[w, d, layer], R.weights[w, d, layer]  # [B, k]
-                scores = pre["base_scores"][w, d, layer]  # [E]
-                if setup.lynx and (setup.aware or gpu is not None):  # selection inside the step
-                    res = cache.resident_mask(layer) if setup.aware else None
-                    if setup.aware and rep == 0:
-                        seen[w, d, layer] = res.cpu()
-                    sel = select_experts(R.logits[w, d, layer], ids, wts, params, resident=res)
-                    ids, wts, scores = sel.topk_ids, sel.topk_weights, sel.scores
-                elif setup.lynx:  # the same selection, computed for the whole trace at once
-                    sel = pre["lynx"]
-                    ids, wts = sel.topk_ids[w, d, layer], sel.topk_weights[w, d, layer]
-                    scores = sel.scores[w, d, layer]
-                if cache is None:  # resident, on the GPU
-                    w13, w2 = gpu.resident(dev)
-                    experts_forward(gpu.x[w, d, layer], w13[layer], w2[layer], ids, wts)
+                if seen is not None and rep == 0:  # what cache-aware selection sees
+                    seen[w, d, layer] = cache.resident_mask(layer).cpu()
+                if gpu is not None:
+                    x = gpu.x[w, d, layer]
+                else:  # counting: the kernel ignores x; cross-layer prefetch predicts from it
+                    x = R.hidden[w, d, layer] if cross else R.logits[w, d, layer, :, :1]
+                moe_layer_step(layer, x, R.ids[w, d, layer], R.weights[w, d, layer],
+                               R.logits[w, d, layer], kernels[layer], step, selection, cache)  # fmt: skip
+                if cache is None:
                     continue
-                hidden = R.hidden[w, d, layer] if cross else None
-                score_arg = scores if setup.eviction == "score" else None
-                plan = cache.prepare(layer, ids, score_arg, hidden)
-                if gpu is None:
-                    for _wave in plan:  # a later wave fills its slots when reached
-                        pass
-                else:
-                    _compute(cache, layer, plan, gpu.x[w, d, layer], wts)
+                if gpu is None and n >= warmup:
+                    host_ns.append(clock.take())
                 c = cache.counters(reset=True)["total"]
                 counts[n, layer] = [c[f] for f in ("distinct", "hits", "misses", "prefetch_fills", "waves")]  # fmt: skip
             if timed:
@@ -272,17 +255,52 @@ def replay(R: Routing, setup: Setup, params: SelectionParams, pre: dict, gates, 
         if gpu is not None:
             torch.cuda.synchronize()
             times.append(statistics.fmean(s.elapsed_time(e) for s, e in events))
-    return Run(setup, counts[warmup:], seen, statistics.median(times) if times else None)
+    path, host_us = "CUDA graph", 0.0
+    if cache is not None:  # our cache serves offload with the eager executor, graphs off
+        path = "eager, graphs off"
+        host_us = statistics.fmean(host_ns) / 1e3 if host_ns else 0.0
+    step_time = statistics.median(times) if times else None
+    return Run(setup, counts[warmup:], seen, step_time, path=path, host_us=host_us)
 
 
-def _compute(cache: ExpertCache, layer: int, plan, x: torch.Tensor, wts: torch.Tensor):
-    """The MoE layer on the cache's slot weights, wave by wave (as ExpertCache.forward does)."""
-    w = cache.slot_weights(layer)  # {"w13": [K, 2I, H], "w2": [K, H, I]}
-    out = None
-    for wave in plan:
-        y = experts_forward(x, w["w13"], w["w2"], wave.slot_ids.long(), wave.weights(wts))
-        out = y.float() if out is None else out + y.float()
-    return out
+class _HostClock:
+    """Host time of the cache's planning in a layer-step (``prepare`` with its one device->host
+    read and uploads, and ``prefetch_next``): what an eager step makes the GPU wait for. The
+    selection is not in it: in the server it runs on the device (two kernel launches)."""
+
+    def __init__(self, cache: ExpertCache) -> None:
+        self.ns = 0
+        for name in ("prepare", "prefetch_next"):
+            setattr(cache, name, self._timed(getattr(cache, name)))
+
+    def _timed(self, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter_ns()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.ns += time.perf_counter_ns() - t0
+
+        return timed
+
+    def take(self) -> int:
+        ns, self.ns = self.ns, 0
+        return ns
+
+
+def _kernel(gpu: Gpu | None, layer: int, device):
+    """The replay's MoE kernel for ``layer``: none on a CPU (only counters are measured there),
+    else the expert computation on the layer's resident weights or the cache's slot weights."""
+    if gpu is None:
+        return lambda x, ids, weights, experts: x
+
+    def kernel(x, ids, weights, experts):
+        if experts is None:  # every expert resident
+            w13, w2 = gpu.resident(device)
+            return experts_forward(x, w13[layer], w2[layer], ids.long(), weights)
+        return experts_forward(x, experts["w13"], experts["w2"], ids.long(), weights)
+
+    return kernel
 
 
 def _distinct_of(R: Routing, setup: Setup, pre: dict) -> np.ndarray:
@@ -357,7 +375,8 @@ def step_ms(run: Run, batch: int, top_k: int, shape: Shape, hw: Hardware) -> flo
     if run.step_ms is not None:
         return run.step_ms
     c = run.counts
-    t = layer_seconds(c[..., DISTINCT], c[..., MISSES], c[..., PREFETCHED], batch, top_k, shape, hw)
+    t = layer_seconds(c[..., DISTINCT], c[..., MISSES], c[..., PREFETCHED], batch, top_k, shape, hw,
+                      host_s=run.host_us * 1e-6)  # fmt: skip
     return float(step_seconds(t, shape).mean() * 1e3)
 
 
@@ -388,6 +407,8 @@ def make_row(run: Run, batch: int, top_k: int, E: int, shape: Shape, hw: Hardwar
         "ms_per_token": round(ms / batch, 5),
         "tokens_per_s": round(batch / ms * 1e3, 1),
         "time_source": "measured" if measured else "projected",
+        "server_path": run.path,
+        "host_us_per_layer_step": round(run.host_us, 1),
         "expert_gpu_bytes": run.expert_gpu_bytes or slots * eb * shape.layers,
         **q,
         "status": "ok",
@@ -561,14 +582,12 @@ class Bench:
         base, base_am, _ = quality.run_setting(model, wins, P, None)
         R = collect_routing(model, wins, P, self.keep_hidden)
         warmup = min(args.warmup, R.ids.shape[0] * R.ids.shape[1] - 1)
-        router_only = replace(self.params, budget=1.0)  # keeps every chosen expert
-        base_scores = select_experts_ref(R.logits, R.ids, R.weights, router_only).scores
         if self.gpu is not None:
-            R, base_scores = R.to(self.device), base_scores.to(self.device)
+            R = R.to(self.device)
             self.gpu.x = _gpu_x(R, self.gpu, args.shape == "shipped")
         exact = quality_cost(None, base, "exact (selection off; the cache is lossless)")
         ctx = dict(B=B, R=R, wins=wins, base=base, base_am=base_am, warmup=warmup)
-        lynx = self.selection(ctx, self.params, base_scores)
+        lynx = self.selection(ctx, self.params)
         ctx.update(pre=lynx["pre"], params=self.params)
         self.rows.append(self.row(self.replay(ctx, Setup("resident", None)), B, exact))
         lynx_setup = Setup("lynx", None, lynx=True, budget=self.params.budget)
@@ -580,36 +599,58 @@ class Bench:
                      for e in self.evictions for m in modes]  # fmt: skip
             self.runs[(B, f, OURS)] = sweep
             self.rows.append(self.row(best_run(sweep, B, self.k, self.shape, self.hw), B, exact, sweep))  # fmt: skip
-            self.rows += self.peers(ctx, K, exact)
+            self.rows += self.peers(ctx, K, exact, lynx["q"])
             self.product_rows(ctx, f, lynx, VARIANTS)
             if f == args.primary_k:  # the quality vs speed trade-off: other budgets
                 for b in self.budgets:
-                    sel = self.selection(ctx, replace(self.params, budget=b), base_scores)
+                    sel = self.selection(ctx, replace(self.params, budget=b))
                     names = {f"{n} b={b:g}": VARIANTS[n] for n in ("lynx+offload", "lynx+offload +aware")}  # fmt: skip
                     self.product_rows({**ctx, "pre": sel["pre"], "params": sel["params"]}, f, sel, names)  # fmt: skip
         print(f"  batch {B}: {len(wins)} window(s) x {R.ids.shape[1]} decode steps, "
               f"{time.time() - self.t0:.1f} s", flush=True)  # fmt: skip
 
-    def selection(self, ctx: dict, params: SelectionParams, base_scores) -> dict:
+    def selection(self, ctx: dict, params: SelectionParams) -> dict:
         """A Lynx setting at this batch: its quality (bench/quality.py) and its routing."""
         R = ctx["R"]
         lyn, _, _ = quality.run_setting(self.model, ctx["wins"], self.args.prefill, params, ctx["base_am"])  # fmt: skip
         sel = select_experts_ref(R.logits, R.ids, R.weights, params)
         q = quality_cost(lyn, ctx["base"], "bench/quality.py at this batch")
-        return {"params": params, "q": q, "pre": {"lynx": sel, "base_scores": base_scores}}
+        return {"params": params, "q": q, "pre": {"lynx": sel}}
 
     def replay(self, ctx: dict, setup: Setup, params: SelectionParams | None = None) -> Run:
         params = params or ctx["params"]
         return replay(ctx["R"], setup, params, ctx["pre"], self.gates, ctx["warmup"], self.gpu)
 
-    def peers(self, ctx: dict, K: int, exact: dict) -> list[dict]:
-        """SGLang paged experts (needs a server) and accelerate offload (measured on a GPU)."""
-        B, E, shape = ctx["B"], self.E, self.shape
-        out = [peer_row(SGLANG_PEER, B, K, E, shape, SGLANG_HINT.format(model=self.model_dir, K=K))]
+    def peers(self, ctx: dict, K: int, exact: dict, lynx_q: dict) -> list[dict]:
+        """SGLang's paged experts replayed through its own residency code (exact counters; its
+        CUDA-graph capture cap applied), alone and under Lynx; Belady's MIN on the same traces
+        (the limit no eviction policy can beat); accelerate offload (measured on a GPU only)."""
+        B, E, shape, warmup = ctx["B"], self.E, self.shape, ctx["warmup"]
+        R, sel = ctx["R"], ctx["pre"]["lynx"]
+        W, D, L = R.ids.shape[:3]
+        out = []
+        for name, ids, q in ((SGLANG_PEER, R.ids, exact), (SGLANG_LYNX, sel.topk_ids, lynx_q)):
+            flat = ids.reshape(W * D, L, *ids.shape[3:]).cpu()  # [N, L, B, k] in decode order
+            t0 = time.perf_counter_ns()
+            counts = peers.replay_sglang_paged(flat, E, K)
+            plan_us = (time.perf_counter_ns() - t0) / 1e3 / counts[:, :, 0].size
+            captured = B <= peers.capture_cap(K, self.k)
+            path = "CUDA graph" if captured else f"eager (B > {peers.capture_cap(K, self.k)})"
+            lynx = name == SGLANG_LYNX
+            setup = Setup(name, K, lynx=lynx, eviction="lru",
+                          budget=self.params.budget if lynx else None)  # fmt: skip
+            run = Run(setup, counts[warmup:], None, path=path,
+                      host_us=0.0 if captured else plan_us)  # fmt: skip
+            out.append(self.row(run, B, q))
+        for name, ids, q in ((MIN_BOUND, R.ids, exact), (MIN_LYNX, sel.topk_ids, lynx_q)):
+            flat = ids.reshape(W * D, L, *ids.shape[3:]).cpu()
+            setup = Setup(name, K, lynx=name == MIN_LYNX, eviction="MIN")
+            run = Run(setup, peers.replay_belady(flat, E, K)[warmup:], None, path="bound")
+            out.append(self.row(run, B, q))
         if self.gpu is None:
             return out + [peer_row(ACCEL_PEER, B, K, E, shape, "needs GPU")]
         try:
-            return out + [self.row(measure_accelerate(ctx["R"], self.gpu, K, ctx["warmup"]), B, exact)]  # fmt: skip
+            return out + [self.row(measure_accelerate(R, self.gpu, K, warmup), B, exact)]
         except Exception as e:  # report, never estimate
             return out + [peer_row(ACCEL_PEER, B, K, E, shape, f"failed: {type(e).__name__}: {e}")]
 

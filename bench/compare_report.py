@@ -6,23 +6,27 @@ from pathlib import Path
 
 from bench.projection import Hardware
 
+PATHS = {"CUDA graph": "G", "bound": "-"}  # any other path: "E" (eager)
+
 
 def print_rows(rows: list[dict]) -> None:
-    cols = (f"{'system':<32}{'B':>4}{'K':>4} {'evict':<6}{'prefetch':<12}{'distinct':>9}"
-            f"{'hit%':>7}{'H2D MB/tok':>11}{'ms/step':>9}{'tok/s':>9}{'GPU GB':>8}{'Δppl':>9}"
-            f"{'agree':>8}")  # fmt: skip
+    """One line per row, at most 100 characters; every field is in the JSON."""
+    cols = (f"{'system':<30}{'B':>4}{'K':>4} {'evict':<7}{'dist':>6}{'hit%':>6}{'MB/tok':>8}"
+            f"{'host µs':>8} {'p'}{'ms/step':>9}{'tok/s':>8}{'Δppl':>8}")  # fmt: skip
     print(cols)
     print("-" * len(cols))
     for r in rows:
+        name = r["system"][:30]
         if r["status"] != "ok":
-            print(f"{r['system']:<32}{r['batch']:>4}{r['slots']:>4}  {r['status']}")
+            print(f"{name:<30}{r['batch']:>4}{r['slots']:>4}  {r['status'][:58]}")
             continue
-        print(f"{r['system']:<32}{r['batch']:>4}{r['slots']:>4} {r['eviction']:<6}"
-              f"{r['prefetch'][:11]:<12}{r['distinct_per_layer_step']:>9.2f}"
-              f"{100 * r['hit_rate']:>7.1f}{r['h2d_bytes_per_token'] / 1e6:>11.2f}"
-              f"{r['decode_ms_per_step']:>9.2f}{r['tokens_per_s']:>9.0f}"
-              f"{r['expert_gpu_bytes'] / 1e9:>8.2f}{r['ppl_rel_increase']:>+9.4f}"
-              f"{r['agreement']:>8.4f}")  # fmt: skip
+        print(f"{name:<30}{r['batch']:>4}{r['slots']:>4} {r['eviction'][:7]:<7}"
+              f"{r['distinct_per_layer_step']:>6.1f}{100 * r['hit_rate']:>6.1f}"
+              f"{r['h2d_bytes_per_token'] / 1e6:>8.1f}{r['host_us_per_layer_step']:>8.0f} "
+              f"{PATHS.get(r['server_path'], 'E')}{r['decode_ms_per_step']:>9.2f}"
+              f"{r['tokens_per_s']:>8.0f}{r['ppl_rel_increase']:>+8.4f}")  # fmt: skip
+    print("p: the server's path for these decode steps: G captured CUDA graph (no host planning), "
+          "E eager\n   (host planning charged per layer-step, measured here), - offline bound")
 
 
 def print_report(result: dict) -> None:
@@ -30,27 +34,27 @@ def print_report(result: dict) -> None:
     label = "measured" if result["measured"] else "PROJECTED"
     hw = "" if result["measured"] else f" ({Hardware(**_hw(result)).describe()})"
     print(f"\nrows at {result['shape']} expert size ({result['expert_bytes'] / 1e6:.2f} MB); "
-          f"times {label}{hw}; counters exact")  # fmt: skip
+          f"counters exact; times {label}\n{hw.strip(' ()')}")  # fmt: skip
     print_rows(result["rows"])
     kf = result["primary_k_fraction"]
-    print(f"\nthe product (fastest lynx+offload row within the quality goal) over the best "
-          f"offloading-alone row, K={kf:g}·E ({label}):")  # fmt: skip
+    print(f"\nthe product (fastest lynx+offload row within the quality goal) over the best\n"
+          f"offloading-alone row (ours or SGLang's), K={kf:g}·E ({label}):")  # fmt: skip
     for B, s in result["speedup_lynx_offload_vs_offload"].items():
         p, fast = result["product"][B], result["speedup_ignoring_quality"][B]
-        miss = "" if p["meets_quality_goal"] else " -- no Lynx setting met the quality goal"
+        miss = "" if p["meets_quality_goal"] else " (no setting met the quality goal)"
         print(f"  batch {B:>3}: {s:5.2f}x  {p['system']} ({p['eviction']}/{p['prefetch']}), "
-              f"Δppl {p['ppl_rel_increase']:+.4f}, agreement {p['agreement']:.4f}{miss}; "
-              f"fastest regardless of quality {fast['speedup']:.2f}x "
-              f"(agreement {fast['agreement']:.4f})")  # fmt: skip
-    print("\nthe same, by K (* = no Lynx setting met the quality goal there: fastest shown; the "
-          "other --budgets run at the primary K only):")  # fmt: skip
+              f"Δppl {p['ppl_rel_increase']:+.4f}{miss}")
+        print(f"             fastest regardless of quality {fast['speedup']:.2f}x "
+              f"({fast['system']}, agreement {fast['agreement']:.4f})")  # fmt: skip
+    print("\nthe same, by K (* = no Lynx setting met the quality goal there: fastest shown;\n"
+          "the other --budgets run at the primary K only):")  # fmt: skip
     for f, at in result["speedup_by_k"].items():
         cells = "".join(f"  B={B} {s['speedup']:.2f}{'' if s['meets_quality_goal'] else '*'}"
                         for B, s in at.items())  # fmt: skip
         print(f"  K={float(f):g}·E:{cells}")
     if result["by_shape"]:
         bs = list(result["speedup_lynx_offload_vs_offload"])
-        print(f"\nthe same counters projected at other expert sizes (product over offload (ours), "
+        print(f"\nthe same counters projected at other expert sizes (product over offload (ours),\n"
               f"K={kf:g}·E):")  # fmt: skip
         print(
             f"  {'shape':<16}{'MB/expert':>10}{'layers':>7}" + "".join(f"{'B=' + b:>8}" for b in bs)
@@ -59,9 +63,9 @@ def print_report(result: dict) -> None:
             sp = "".join(f"{e['speedup'][b]:>8.2f}" for b in bs)
             print(f"  {name:<16}{e['expert_bytes'] / 1e6:>10.2f}{e['layers']:>7}{sp}")
     g = result["goal"]
-    print(f"\ngoal (>= {g['speedup']}x at batch {g['batches']} within the quality goal "
-          f"{g['quality']}, {g['on']}): {'met' if g['met'] else 'NOT met'}; "
-          f"{result['seconds']} s")  # fmt: skip
+    print(f"\ngoal: >= {g['speedup']}x at batch {g['batches']} within the quality goal, "
+          f"{g['on']}: {'met' if g['met'] else 'NOT met'}")
+    print(f"quality goal {g['quality']}; {result['seconds']} s")  # fmt: skip
 
 
 def _hw(result: dict) -> dict:

@@ -5,6 +5,8 @@ nothing there can time PCIe or HBM. This module turns the counters of one MoE la
 seconds with a declared model, and every number it produces is labelled "projected":
 
     t_layer = nonmoe                                    attention, norms, router, launches
+            + host                                      host planning the GPU waits for (eager
+                                                        path: measured; captured graph: 0)
             + max(distinct * B_e / HBM, 6 H I T k / FLOPS)   expert reads (roofline)
             + misses * B_e / PCIe                       demand copies stall the layer
             + max(0, prefetched * B_e / PCIe - (nonmoe + t_moe))
@@ -74,8 +76,10 @@ def layer_seconds(
     top_k: int,
     shape: Shape,
     hw: Hardware,
+    host_s: float = 0.0,
 ) -> np.ndarray:
-    """Projected seconds of each MoE layer step; every input is [...] counts per layer step."""
+    """Projected seconds of each MoE layer step; every input is [...] counts per layer step.
+    ``host_s``: the host time per layer-step of the path the server takes (seconds)."""
     eb = shape.expert_bytes
     pcie, hbm = hw.pcie_h2d_gbps * 1e9, hw.hbm_tbps * 1e12
     flops = 6.0 * shape.hidden * shape.inter * tokens * top_k
@@ -83,7 +87,7 @@ def layer_seconds(
     t_moe = np.maximum(distinct * eb / hbm, flops / (hw.bf16_tflops * 1e12))
     t_demand = misses * eb / pcie
     excess = np.maximum(0.0, prefetched * eb / pcie - (fixed + t_moe))
-    return fixed + t_moe + t_demand + excess
+    return fixed + host_s + t_moe + t_demand + excess
 
 
 def step_seconds(per_layer: np.ndarray, shape: Shape) -> np.ndarray:

@@ -35,6 +35,10 @@ class Counters:
         for name, v in values.items():
             row[COL[name]] += v
 
+    def add_each(self, name: str, layers: np.ndarray) -> None:
+        """Host-side +1 to ``name`` of each entry of ``layers`` (repeats add up)."""
+        np.add.at(self.host[:, COL[name]], layers, 1)
+
     def device_table(self, device: torch.device) -> torch.Tensor:
         """The device twin [L + 1, C], created on first use; row L absorbs masked-out increments."""
         if self.device is None:

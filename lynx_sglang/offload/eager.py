@@ -7,6 +7,11 @@ Per ``prepare(layer, ...)``:
   4. upload the slot table (pinned, non-blocking) and translate topk_ids -> slot ids on device.
 The read also orders the host after all earlier work on the compute stream, which is why a slot
 last read by an earlier layer or step can be refilled without further waiting.
+
+Host cost: every torch call costs microseconds, a numpy call about one, so the planning is
+numpy and vectorised over a step's experts. With CPU tensors ("device" = host) the read, the
+table "upload" and the slot-id translation are numpy on zero-copy views, and a step's fills are
+one indexed copy per named tensor; on CUDA each fill is its own copy with its own event.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class EagerExecutor:
         self.top_k, self.prefetch_mode = top_k, prefetch
         self.L, self.E, self.K = store.num_layers, store.num_experts, slots.pool_size
         self.device = slots.device
+        self.host = self.device.type == "cpu"  # CPU tensors: numpy on zero-copy views
         self.routers: dict[int, torch.Tensor] = {}  # layer -> router weight [E, H]
         self.votes: np.ndarray | None = None  # the latest step's next-layer votes [E], on the host
         self.clock = 0
@@ -50,16 +56,25 @@ class EagerExecutor:
         self.unsettled: set[int] = set()  # global slots whose fill may still be in flight
         self.last_needed: list[np.ndarray | None] = [None] * self.L
         self._src: dict[tuple[int, int], list[torch.Tensor]] = {}  # cached host views per expert
+        self._bytes = store.nbytes_per_expert
+        # CPU fills: per layer the store's [E, *shape] views, per pool the slots' [K, *shape]
+        self._layer_src = [[store.tensor(la, n) for n in slots.names] for la in range(self.L)]
+        self._pool_dst = [list(slots.weights(p).values()) for p in range(slots.num_pools)]
         pin = transfer.cuda
         # staging: [L + 2, E + 1] int32; rows 0..L-1 the slot table, L the wave map, L+1 the wave mask
         shape = (self.L + 2, self.E + 1)
-        self.staging = [
-            torch.full(shape, -1, dtype=torch.int32, pin_memory=pin) for _ in range(_RING)
-        ]
-        self.staging_events: list[torch.cuda.Event | None] = [None] * _RING
-        self.ring = 0
         self.dev_ext = torch.full(shape, -1, dtype=torch.int32, device=self.device)
         slots.table_dev = self.dev_ext[: self.L]  # the device slot table is rows 0..L-1
+        if self.host:  # the "device" table is host memory: write it in place, no staging
+            self.staging, self.staging_np = [], [self.dev_ext.numpy()]
+        else:
+            self.staging = [
+                torch.full(shape, -1, dtype=torch.int32, pin_memory=pin) for _ in range(_RING)
+            ]
+            self.staging_np = [t.numpy() for t in self.staging]  # zero-copy host views
+        self.staging_events: list[torch.cuda.Event | None] = [None] * _RING
+        self.ring = 0
+        self._dev_np = self.staging_np[0] if self.host else None
 
     # ---------------------------------------------------------------- step
     def prepare(
@@ -70,10 +85,13 @@ class EagerExecutor:
         votes: torch.Tensor | None = None,
     ) -> Plan:
         """Make this step's experts resident; returns its waves (one unless K is too small)."""
-        E = self.E
-        flat = topk_ids.reshape(-1).long()
-        idx = torch.where(flat >= 0, flat, E)  # [T*k], padding (-1) -> column E
-        need, scores_h, self.votes = self._read(idx, scores, votes)  # the one device->host read
+        if self.host:
+            idx = _host_index(topk_ids, self.E)  # [T*k] int64 numpy, padding (-1) -> column E
+            need, scores_h, self.votes = self._read_host(idx, scores, votes)
+        else:
+            flat = topk_ids.reshape(-1).long()
+            idx = torch.where(flat >= 0, flat, self.E)  # [T*k], padding (-1) -> column E
+            need, scores_h, self.votes = self._read(idx, scores, votes)  # the one device read
 
         self.clock += 1
         self.busy = None  # the read above waited for every earlier kernel
@@ -85,36 +103,39 @@ class EagerExecutor:
         self._settle_prefetch(layer, pool, need)
         self.last_needed[layer] = needed
 
-        row = self.slots.table[layer]
-        resident = row[needed] >= 0
-        inflight = self._inflight(pool)
-        holds_needed = np.zeros(self.K, dtype=bool)
-        holds_needed[row[needed[resident]]] = True
-        # In-flight fills of slots this step does not read stay untouched; those it reads are
-        # waited on by its compute, after which a later wave may reuse them.
-        busy_copy = inflight & ~holds_needed
-        capacity = self.K - int(busy_copy.sum())
-        n_hit = int(resident.sum())
-        self.counters.add(
-            layer,
-            hits=n_hit,
-            misses=len(needed) - n_hit,
-            distinct=len(needed),
-            steps=1,
-            bytes_h2d=(len(needed) - n_hit) * self.store.nbytes_per_expert,
-        )
+        slot_of = self.slots.table[layer][needed]
+        resident = slot_of >= 0
+        n_needed, n_hit = len(needed), int(np.count_nonzero(resident))
+        busy_copy = self._inflight(pool)
+        if busy_copy.any():
+            # In-flight fills of slots this step does not read stay untouched; those it reads
+            # are waited on by its compute, after which a later wave may reuse them.
+            busy_copy[slot_of[resident]] = False
+        capacity = self.K - int(np.count_nonzero(busy_copy))
         if capacity < 1:  # prefetch keeps >= top_k slots free of in-flight copies
+            self._count_step(layer, n_needed, n_hit, 0)
             raise RuntimeError("expert cache: every slot of the pool has a copy in flight")
-        ordered = np.concatenate([needed[resident], needed[~resident]])
-        chunks = [ordered[i : i + capacity] for i in range(0, len(ordered), capacity)] or [ordered]
-        self.counters.add(layer, waves=len(chunks))
-        if len(chunks) == 1:
-            self._place(layer, pool, chunks[0], busy_copy)
+        if n_needed <= capacity:  # one wave (the order of its experts changes no decision)
+            self._count_step(layer, n_needed, n_hit, 1)
+            self._place(layer, pool, needed, busy_copy)
             self._upload()
-            slot_ids = self.dev_ext[layer].index_select(0, idx)
-            return Plan(Wave(slot_ids.view_as(topk_ids).to(topk_ids.dtype)))
+            return Plan(Wave(self._translate(layer, idx, topk_ids, topk_ids.dtype)))
+        ordered = np.concatenate([needed[resident], needed[~resident]])
+        chunks = [ordered[i : i + capacity] for i in range(0, n_needed, capacity)]
+        self._count_step(layer, n_needed, n_hit, len(chunks))
         waves = [self._make_wave(layer, pool, c, busy_copy, idx, topk_ids) for c in chunks]
         return Plan(waves[0](), waves[1:])
+
+    def _count_step(self, layer: int, needed: int, hits: int, waves: int) -> None:
+        self.counters.add(
+            layer,
+            hits=hits,
+            misses=needed - hits,
+            distinct=needed,
+            steps=1,
+            bytes_h2d=(needed - hits) * self._bytes,
+            waves=waves,
+        )
 
     def _read(
         self, idx: torch.Tensor, scores: torch.Tensor | None, votes: torch.Tensor | None
@@ -135,22 +156,52 @@ class EagerExecutor:
         votes_h = host[-E:] if votes is not None else None
         return need, scores_h, votes_h
 
+    def _read_host(
+        self, idx: np.ndarray, scores: torch.Tensor | None, votes: torch.Tensor | None
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """``_read`` for CPU tensors: the same arrays (values and dtypes), from numpy views."""
+        E = self.E
+        need_ext = np.zeros(E + 1, dtype=bool)
+        need_ext[idx] = True
+        need = need_ext[:E]
+        if scores is None and votes is None:
+            return need, None, None
+        # torch.cat's promotion in ``_read``: float32, unless the votes need a wider type
+        kind = torch.float32 if votes is None else torch.promote_types(torch.float32, votes.dtype)
+        scores_h = votes_h = None
+        if scores is not None:
+            scores_h = scores.reshape(E).float().to(kind).numpy().copy()
+        if votes is not None:
+            votes_h = votes.reshape(E).to(kind).numpy().copy()
+        return need, scores_h, votes_h
+
+    def _translate(self, row: int, idx, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Row ``row`` of the device table (+ wave rows) at ``idx``, shaped as ``like``."""
+        if self.host:
+            out = torch.from_numpy(self._dev_np[row][idx].reshape(like.shape))
+        else:
+            out = self.dev_ext[row].index_select(0, idx).view_as(like)
+        return out.to(dtype)
+
     # ---------------------------------------------------------------- placement
     def _place(self, layer: int, pool: int, experts: np.ndarray, keep: np.ndarray) -> np.ndarray:
         """Make ``experts`` (<= capacity) resident in ``pool`` without touching ``keep`` [K]."""
         row = self.slots.table[layer]
         slot_of = row[experts]
-        misses = experts[slot_of < 0]
-        protected = keep.copy()
-        protected[slot_of[slot_of >= 0]] = True
-        victims = self._victims(pool, len(misses), protected)
-        if len(misses):
+        miss = slot_of < 0
+        if miss.any():
+            protected = keep.copy()
+            protected[slot_of[~miss]] = True
+            misses = experts[miss]
+            victims = self._victims(pool, len(misses), protected)
             self.transfer.begin()
-        for e, s in zip(misses.tolist(), victims.tolist()):
-            self._fill(layer, e, pool, s)
-        used = row[experts].astype(np.int64)
+            self._fill(layer, misses, pool, victims)
+            used = row[experts].astype(np.int64)
+        else:
+            used = slot_of.astype(np.int64)
         self.slots.last_use[pool, used] = self.clock
-        self.transfer.wait([self.slots.global_slot(pool, s) for s in used.tolist()])
+        if self.transfer.cuda:
+            self.transfer.wait((used + pool * self.K).tolist())
         self.busy = (pool, used)
         return used
 
@@ -160,7 +211,7 @@ class EagerExecutor:
         pool: int,
         experts: np.ndarray,
         keep: np.ndarray,
-        idx: torch.Tensor,
+        idx,
         topk_ids: torch.Tensor,
     ):
         """A deferred wave: its fills are issued when the caller reaches it."""
@@ -168,16 +219,15 @@ class EagerExecutor:
         def make() -> Wave:
             used = self._place(layer, pool, experts, keep)
             stage = self._next_staging()
-            stage[self.L].fill_(int(used[0]))  # choices of other waves point at a filled slot
-            stage[self.L + 1].zero_()
-            stage[self.L, torch.from_numpy(experts)] = torch.from_numpy(used.astype(np.int32))
-            stage[self.L + 1, torch.from_numpy(experts)] = 1
-            stage[self.L, self.E] = -1  # padding stays -1, mask 0
+            wave_map, wave_mask = stage[self.L], stage[self.L + 1]
+            wave_map.fill(int(used[0]))  # choices of other waves point at a filled slot
+            wave_map[experts] = used
+            wave_map[self.E] = -1  # padding stays -1, mask 0
+            wave_mask.fill(0)
+            wave_mask[experts] = 1
             self._upload(stage)
-            slot_ids = (
-                self.dev_ext[self.L].index_select(0, idx).view_as(topk_ids).to(topk_ids.dtype)
-            )
-            mask = self.dev_ext[self.L + 1].index_select(0, idx).view_as(topk_ids).float()
+            slot_ids = self._translate(self.L, idx, topk_ids, topk_ids.dtype)
+            mask = self._translate(self.L + 1, idx, topk_ids, torch.float32)
             return Wave(slot_ids, mask)
 
         return make
@@ -196,20 +246,33 @@ class EagerExecutor:
         primary = np.where(sl < 0, -np.inf, np.asarray(primary, dtype=np.float64))
         return cand[eviction_order(primary, secondary)[:count]]
 
-    def _fill(self, layer: int, expert: int, pool: int, slot: int) -> None:
-        """Evict the slot's occupant (counting a wasted prefetch) and copy ``expert`` in."""
+    def _fill(self, layer: int, experts: np.ndarray, pool: int, slots: np.ndarray) -> None:
+        """Evict the occupants of ``slots`` (counting wasted prefetches) and copy ``experts``
+        (distinct, none resident) of ``layer`` into them, pairwise."""
         s = self.slots
-        old_layer, _ = s.place(layer, expert, pool, slot)
-        if old_layer >= 0 and s.prefetched[pool, slot]:
-            self.counters.add(old_layer, prefetch_wasted=1)
-        s.prefetched[pool, slot] = False
-        g = s.global_slot(pool, slot)
-        src = self._src.get((layer, expert))
-        if src is None:
-            src = self._src[(layer, expert)] = list(self.store.expert(layer, expert).values())
-        self.transfer.fill(g, s.slot_views(pool, slot), src)
-        if self.transfer.cuda:
-            self.unsettled.add(g)
+        old_layer, old_expert = s.slot_layer[pool, slots], s.slot_expert[pool, slots]
+        occupied = old_layer >= 0
+        wasted = occupied & s.prefetched[pool, slots]
+        if wasted.any():
+            self.counters.add_each("prefetch_wasted", old_layer[wasted])
+        s.table[old_layer[occupied], old_expert[occupied]] = -1
+        s.table[layer, experts] = slots
+        s.slot_layer[pool, slots] = layer
+        s.slot_expert[pool, slots] = experts
+        s.prefetched[pool, slots] = False
+        if self.host:  # one indexed copy per named tensor
+            src_idx, dst_idx = torch.from_numpy(experts), torch.from_numpy(slots)
+            for src, dst in zip(self._layer_src[layer], self._pool_dst[pool]):
+                dst.index_copy_(0, dst_idx, src.index_select(0, src_idx))
+            return
+        for e, slot in zip(experts.tolist(), slots.tolist()):
+            g = s.global_slot(pool, slot)
+            src = self._src.get((layer, e))
+            if src is None:
+                src = self._src[(layer, e)] = list(self.store.expert(layer, e).values())
+            self.transfer.fill(g, s.slot_views(pool, slot), src)
+            if self.transfer.cuda:
+                self.unsettled.add(g)
 
     def _inflight(self, pool: int) -> np.ndarray:
         """[K] bool: slots of ``pool`` whose latest fill has not finished (non-blocking queries)."""
@@ -225,12 +288,14 @@ class EagerExecutor:
     def _settle_prefetch(self, layer: int, pool: int, need: np.ndarray) -> None:
         """Score this layer's prefetched slots against the step that now arrived."""
         s = self.slots
-        sel = s.prefetched[pool] & (s.slot_layer[pool] == layer)
+        pf = s.prefetched[pool]
+        if not pf.any():
+            return
+        sel = pf & (s.slot_layer[pool] == layer)
         if sel.any():
             used = need[s.slot_expert[pool, sel]]
-            self.counters.add(
-                layer, prefetch_hits=int(used.sum()), prefetch_wasted=int((~used).sum())
-            )
+            n_used = int(np.count_nonzero(used))
+            self.counters.add(layer, prefetch_hits=n_used, prefetch_wasted=len(used) - n_used)
             s.prefetched[pool, sel] = False
 
     def prefetch_next(self, layer: int) -> None:
@@ -264,46 +329,55 @@ class EagerExecutor:
         pool = self.slots.layer_pool[layer]
         row = self.slots.table[layer]
         ranked = np.asarray(ranked, dtype=np.int64)
-        wanted = ranked[row[ranked] < 0]
+        present = row[ranked]
+        wanted = ranked[present < 0]
         if len(wanted) == 0:
             return 0
         inflight = self._inflight(pool)
         protected = inflight.copy()
-        present = row[ranked]
         protected[present[present >= 0]] = True  # keep predicted experts already resident
         if self.busy is not None and self.busy[0] == pool:
             protected[self.busy[1]] = True
-        budget = self.K - self.top_k - int(inflight.sum())
-        count = max(0, min(len(wanted), int((~protected).sum()), budget))
+        budget = self.K - self.top_k - int(np.count_nonzero(inflight))
+        count = max(0, min(len(wanted), self.K - int(np.count_nonzero(protected)), budget))
         if count == 0:
             return 0
         victims = self._victims(pool, count, protected)
         self.transfer.begin()
-        for e, s in zip(wanted[:count].tolist(), victims.tolist()):
-            self._fill(layer, e, pool, s)
-            self.slots.prefetched[pool, s] = True
-            self.slots.last_use[pool, s] = self.clock
-        self.counters.add(
-            layer, prefetch_fills=count, bytes_h2d=count * self.store.nbytes_per_expert
-        )
+        self._fill(layer, wanted[:count], pool, victims)
+        self.slots.prefetched[pool, victims] = True
+        self.slots.last_use[pool, victims] = self.clock
+        self.counters.add(layer, prefetch_fills=count, bytes_h2d=count * self._bytes)
         return count
 
     # ---------------------------------------------------------------- table upload
-    def _next_staging(self) -> torch.Tensor:
-        """A staging buffer no queued upload still reads (rarely waits: the per-layer read syncs)."""
+    def _next_staging(self) -> np.ndarray:
+        """A staging buffer no queued upload still reads (rarely waits: the per-layer read syncs);
+        with CPU tensors, the device table itself."""
+        if self.host:
+            return self._dev_np
         self.ring = (self.ring + 1) % _RING
         ev = self.staging_events[self.ring]
         if ev is not None and not ev.query():
             ev.synchronize()
-        return self.staging[self.ring]
+        return self.staging_np[self.ring]
 
-    def _upload(self, stage: torch.Tensor | None = None) -> None:
+    def _upload(self, stage: np.ndarray | None = None) -> None:
         """Copy the host slot table (and a wave map, if staged) to the device, non-blocking."""
         if stage is None:
             stage = self._next_staging()
-        stage[: self.L].copy_(torch.from_numpy(self.slots.table))
-        self.dev_ext.copy_(stage, non_blocking=True)
+        stage[: self.L] = self.slots.table
+        if self.host:
+            return
+        self.dev_ext.copy_(self.staging[self.ring], non_blocking=True)
         if self.transfer.cuda:
             ev = torch.cuda.Event()
             ev.record()
             self.staging_events[self.ring] = ev
+
+
+def _host_index(topk_ids: torch.Tensor, num_experts: int) -> np.ndarray:
+    """topk_ids (a CPU tensor) flattened to int64 numpy, padding (< 0) -> ``num_experts``."""
+    flat = topk_ids.numpy().reshape(-1).astype(np.int64, copy=False)
+    return np.where(flat >= 0, flat, num_experts)
+

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lynx-installed
 
-.PHONY: demo test test-gpu lint venv clean
+.PHONY: demo test test-gpu gpu-check lint venv clean
 
 venv: $(STAMP)
 
@@ -28,3 +28,8 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+
+# On a GPU machine with torch and triton only (no SGLang, no venv): every GPU test and
+# benchmark in one command, results under bench/results/gpu/.
+gpu-check:
+	PYTHONPATH=. $(PYTHON) -m bench.gpu_check

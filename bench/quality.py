@@ -187,6 +187,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--decode", type=int, default=192)
     ap.add_argument("--max-batches", type=int, default=0, help="per batch size (0: all held-out text)")
     ap.add_argument("--budgets", default="0.8,0.7,0.6,0.5,0.4")
+    ap.add_argument("--max-experts", type=int, default=0,
+                    help="cap every setting's kept set (e.g. K: a hybrid cache's capture bound)")
     ap.add_argument("--json-out", default="", help="also write the JSON here")
     ap.add_argument("--save-traces", default="", help="write decode routing traces (base and default) here")
     args = ap.parse_args(argv)
@@ -200,6 +202,8 @@ def main(argv=None) -> dict:
         args.max_batches = args.max_batches or 2
     budgets = [float(b) for b in args.budgets.split(",") if b]
     settings = default_settings(budgets)
+    if args.max_experts:
+        settings = [replace(p, max_experts=args.max_experts) for p in settings]
     summary = {}
     for B in args.batch:
         batches = make_batches(ids, B, args.prefill + args.decode, args.max_batches or 10**9)

@@ -21,7 +21,7 @@ MODES = ("off", "lynx", "offload", "lynx+offload")
 SELECTION_POLICIES = ("lynx", "oea")
 EVICTIONS = ("lru", "lfu", "score")
 PREFETCHES = ("off", "temporal", "cross-layer", "both")
-EXECUTORS = ("eager", "graph")
+EXECUTORS = ("hybrid", "eager", "graph")
 SLOT_POOLS = ("layer", "shared")
 
 # Our environment variables: LYNX_SGLANG_<FIELD>. Only these are read, and only they turn the
@@ -79,12 +79,16 @@ class SelectionParams:
         return round(self.budget * BUDGET_SCALE)
 
     def max_kept(self, top_k: int, rows: int) -> int | None:
-        """An upper bound on a step's distinct experts after selection, for ``rows`` real tokens
-        (None: unbounded by the selection). Protected choices are kept past the cap, so the bound
-        is max(cap, protected choices); OEA keeps each token's protected top-k0 plus k."""
-        protected = rows * min(self.protect_top, top_k)
+        """An upper bound on a step's distinct experts after selection, for a decode batch of
+        ``rows`` real tokens (None: the selection does not bound it). The kept set is the
+        protected experts plus the best others up to n = min(max(ceil(budget * D), k), cap);
+        protected choices are kept past the cap, so the bound is max(cap, k, protected); OEA's
+        n is k. Batches below ``min_batch`` keep their routing: up to rows * k experts."""
+        if rows < self.min_batch:
+            return rows * top_k
         if self.protect_p > 0.0:
             return None  # protect_p can protect any number of a token's choices
+        protected = rows * min(self.protect_top, top_k)
         if self.policy == "oea":
             return max(top_k, protected)
         if self.max_experts <= 0:
@@ -106,9 +110,10 @@ class CacheParams:
     prefetch: str = "off"
     # Pass the prefetch prediction through the selection policy before copying.
     prefetch_select: bool = True
-    # eager: the host plans each step after one small read (any step, in waves; no CUDA graphs);
-    # graph: device-side planning with fixed shapes (CUDA-graph safe; K = E, or small batches).
-    executor: str = "eager"
+    # hybrid: steps captured in a CUDA graph are planned on the device (fixed shapes), every
+    # other step on the host (any step, in waves); eager: every step host-planned (CUDA graphs
+    # off); graph: every step device-planned (only when every step fits the slots).
+    executor: str = "hybrid"
     # Host memory that must stay free after the pinned store is allocated, in GiB.
     host_headroom_gib: float = 2.0
 
@@ -302,7 +307,7 @@ _HELP = {
     "lfu_decay": "per-step decay of LFU frequencies",
     "prefetch": "prefetch predictor: previous step's set, next layer's router, or both",
     "prefetch_select": "pass the prefetch prediction through the selection policy",
-    "executor": "eager (host plans copies) or graph (device-side, CUDA-graph safe)",
+    "executor": "hybrid (captured decode steps device-side, the rest host-planned), eager or graph",
     "host_headroom_gib": "host memory that must remain free after pinning the expert store",
     "log_interval": "seconds between counter log lines (0: off)",
 }

@@ -11,6 +11,7 @@ K slots per layer, H hidden.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, NamedTuple, Optional
 
@@ -170,3 +171,41 @@ class SelectionStats:
             "distinct_before": before / steps if steps else 0.0,
             "distinct_after": after / steps if steps else 0.0,
         }
+
+
+def decode_capture_cap(
+    selection: Optional[SelectionParams], slots: int, top_k: int, num_experts: int
+) -> Optional[int]:
+    """The largest decode batch whose every step fits the K slots in one wave, so the device-side
+    executor can serve it inside a CUDA graph (None: any batch fits, K >= E).
+
+    Without selection a step of B tokens routes at most B * k distinct experts: B <= K // k (as
+    SGLang's paged experts caps its capture sizes). With selection the kept set is bounded
+    (``SelectionParams.max_kept``: max(max_experts, k, protected choices) once max_experts <= K),
+    so graphs capture far larger batches: up to K // protect_top tokens. A graph of size B also
+    replays smaller real batches, so every real count up to B must fit.
+    """
+    K = min(slots or num_experts, num_experts)
+    if K >= num_experts:
+        return None
+    cap = K // top_k
+    if selection is None or selection.max_kept(top_k, selection.min_batch) is None:
+        return cap
+    if max(selection.max_kept(top_k, n) for n in range(1, selection.min_batch + 1)) > K:
+        return cap
+    per_token = min(selection.protect_top, top_k)
+    if per_token == 0:
+        return None  # nothing is protected: the cap bounds every batch
+    big = K // per_token
+    while big > cap and selection.max_kept(top_k, big) > K:
+        big -= 1
+    return max(cap, big)
+
+
+def bounded_selection(selection: SelectionParams, slots: int, num_experts: int) -> SelectionParams:
+    """The selection a hybrid cache of ``slots`` per layer runs with: its absolute cap on the kept
+    set at most K, so a captured decode step's distinct experts fit the slots."""
+    K = min(slots or num_experts, num_experts)
+    if K >= num_experts or 0 < selection.max_experts <= K:
+        return selection
+    return dataclasses.replace(selection, max_experts=K)

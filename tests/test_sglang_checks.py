@@ -52,8 +52,7 @@ def test_supported_setups_pass(mode):
         ("offload", {"load_format": "dummy"}, "--load-format dummy"),
         ("offload", {"tp_size": 2}, "--tp-size 1"),
         ("offload", {"paged_experts": True}, "--enable-paged-experts"),
-        ("offload", {"decode_graphs": True}, "--disable-cuda-graph"),
-        ("lynx+offload", {"prefill_graphs": True}, "--disable-cuda-graph"),
+        ("lynx+offload", {"prefill_graphs": True}, "--disable-prefill-cuda-graph"),
         ("offload", {"top_k": 32}, "below the router's top-k (32)"),
     ],
 )  # fmt: skip
@@ -134,3 +133,15 @@ def test_facts_from_real_server_args():
     assert f.decode_graphs is False and f.prefill_graphs is False
     f = facts_from_server_args(prepare_server_args(["--model-path", "m"]))
     assert f.decode_graphs is None and f.prefill_graphs is None  # the default is decided later
+
+
+def test_offload_runs_decode_graphs_with_the_hybrid_executor_only():
+    """Hybrid (the default): captured decode steps device-side, so decode graphs are fine; the
+    eager executor plans every step on the host and needs graphs off."""
+    graphs = facts(decode_graphs=True)
+    for mode in ("offload", "lynx+offload"):
+        assert problems(LynxConfig(mode=mode, slots=16), graphs) == []
+        eager = LynxConfig(mode=mode, slots=16, executor="eager")
+        assert "--disable-cuda-graph" in " ".join(problems(eager, graphs))
+        shared = LynxConfig(mode=mode, slots=16, slot_pool="shared")
+        assert "--lynx-slot-pool layer" in " ".join(problems(shared, graphs))

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import torch
 
-from lynx_sglang.config import EVICTIONS, PREFETCHES, SLOT_POOLS, CacheParams
+from lynx_sglang.config import EVICTIONS, EXECUTORS, PREFETCHES, SLOT_POOLS, CacheParams
 
 from .counters import Counters
 from .eager import EagerExecutor
@@ -82,7 +82,7 @@ class ExpertCache:
                 "must fit the slots at once"
             )
         _choice("--lynx-slot-pool", slot_pool, SLOT_POOLS)
-        _choice("--lynx-executor", executor, ("eager", "graph"))
+        _choice("--lynx-executor", executor, EXECUTORS)
         _choice("--lynx-prefetch", prefetch, PREFETCHES)
         _choice("--lynx-eviction", eviction, EVICTIONS)
         _choice("gather_backend", gather_backend, ("auto", "triton", "torch"))

@@ -8,10 +8,11 @@ Per ``prepare(layer, ...)``:
 The read also orders the host after all earlier work on the compute stream, which is why a slot
 last read by an earlier layer or step can be refilled without further waiting.
 
-Host cost: every torch call costs microseconds, a numpy call about one, so the planning is
-numpy and vectorised over a step's experts. With CPU tensors ("device" = host) the read, the
-table "upload" and the slot-id translation are numpy on zero-copy views, and a step's fills are
-one indexed copy per named tensor; on CUDA each fill is its own copy with its own event.
+Host cost: a torch call costs microseconds, a numpy call about one, so the planning is numpy,
+vectorised over a step's experts. With CPU tensors (the "device" is the host) the read, the
+table upload and the slot-id translation are numpy on zero-copy views (the device table is the
+host table), and a wave's fills are one byte gather-scatter per named tensor; on CUDA each fill
+is its own copy on the copy stream with its own event.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .counters import Counters
-from .eviction import EvictionPolicy, eviction_order
+from .counters import COL, Counters
+from .eviction import EvictionPolicy
 from .plan import Plan, Wave
 from .prefetch import rank_experts
 from .slots import SlotStorage
@@ -28,10 +29,17 @@ from .store import HostExpertStore
 from .transfer import TransferEngine
 
 _RING = 2  # staging buffers for table uploads
+_HITS, _MISSES, _DISTINCT, _STEPS, _BYTES, _WAVES = (
+    COL[n] for n in ("hits", "misses", "distinct", "steps", "bytes_h2d", "waves")
+)
 
 
 class EagerExecutor:
-    """Host-planned steps; serves any step (in waves when it needs more experts than slots)."""
+    """Host-planned steps; serves any step (in waves when it needs more experts than slots).
+
+    Slot masks are [K + 1] bool: entry K is a scratch target, so that indexing with a slot id
+    of -1 (an expert that is not resident) needs no filtering.
+    """
 
     def __init__(
         self,
@@ -57,24 +65,49 @@ class EagerExecutor:
         self.last_needed: list[np.ndarray | None] = [None] * self.L
         self._src: dict[tuple[int, int], list[torch.Tensor]] = {}  # cached host views per expert
         self._bytes = store.nbytes_per_expert
-        # CPU fills: per layer the store's [E, *shape] views, per pool the slots' [K, *shape]
-        self._layer_src = [[store.tensor(la, n) for n in slots.names] for la in range(self.L)]
-        self._pool_dst = [list(slots.weights(p).values()) for p in range(slots.num_pools)]
-        pin = transfer.cuda
-        # staging: [L + 2, E + 1] int32; rows 0..L-1 the slot table, L the wave map, L+1 the wave mask
+        self._no_slots = np.zeros(self.K + 1, dtype=bool)  # no slot in flight (read-only)
+        self._no_slots.flags.writeable = False
+        # Slots are never emptied, so once a pool has no empty slot it never has one again.
+        self._full = [False] * slots.num_pools
+        self._prefetched = False  # whether any slot was ever filled by prefetch
+        # staging: [L + 2, E + 1] int32; rows 0..L-1 the slot table, L the wave map, L+1 its mask
         shape = (self.L + 2, self.E + 1)
         self.dev_ext = torch.full(shape, -1, dtype=torch.int32, device=self.device)
         slots.table_dev = self.dev_ext[: self.L]  # the device slot table is rows 0..L-1
-        if self.host:  # the "device" table is host memory: write it in place, no staging
-            self.staging, self.staging_np = [], [self.dev_ext.numpy()]
-        else:
-            self.staging = [
-                torch.full(shape, -1, dtype=torch.int32, pin_memory=pin) for _ in range(_RING)
-            ]
-            self.staging_np = [t.numpy() for t in self.staging]  # zero-copy host views
         self.staging_events: list[torch.cuda.Event | None] = [None] * _RING
         self.ring = 0
-        self._dev_np = self.staging_np[0] if self.host else None
+        if self.host:
+            # The "device" table is host memory: the host table becomes its rows 0..L-1 (no
+            # uploads), and fills copy bytes: store [L][name] -> [E, B], slots [P][name] -> [K, B].
+            self.staging, self.staging_np = [], []
+            self._dev_np = self.dev_ext.numpy()  # [L + 2, E + 1] int32, shares memory
+            self._dev_np[: self.L] = slots.table
+            slots.table = self._dev_np[: self.L]
+            buf = store.buffer.numpy()  # [L, E, B] uint8; B and the offsets are 256-aligned
+            words = [_word(g.nbytes) for g in store.segments]
+            self._src_np = [
+                [
+                    buf[la, :, g.offset : g.offset + g.nbytes].view(w)
+                    for g, w in zip(store.segments, words)
+                ]
+                for la in range(self.L)
+            ]
+            self._dst_np = [
+                [_words_view(t[p], w) for t, w in zip(slots.tensors.values(), words)]
+                for p in range(slots.num_pools)
+            ]
+        else:
+            self.staging = [
+                torch.full(shape, -1, dtype=torch.int32, pin_memory=transfer.cuda)
+                for _ in range(_RING)
+            ]
+            self.staging_np = [t.numpy() for t in self.staging]  # zero-copy host views
+        # row views of the host state (its arrays are allocated once): per layer its table row,
+        # per pool its slots' layer, expert, prefetched flag and last use
+        self._rows = list(slots.table)
+        P = range(slots.num_pools)
+        self._sl, self._se = [slots.slot_layer[p] for p in P], [slots.slot_expert[p] for p in P]
+        self._pf, self._lu = [slots.prefetched[p] for p in P], [slots.last_use[p] for p in P]
 
     # ---------------------------------------------------------------- step
     def prepare(
@@ -85,39 +118,42 @@ class EagerExecutor:
         votes: torch.Tensor | None = None,
     ) -> Plan:
         """Make this step's experts resident; returns its waves (one unless K is too small)."""
+        E = self.E
         if self.host:
-            idx = _host_index(topk_ids, self.E)  # [T*k] int64 numpy, padding (-1) -> column E
+            idx = topk_ids.numpy().astype(np.int64)  # topk_ids' shape [T, k], a copy
+            idx[idx < 0] = E  # padding (-1) -> column E
             need, scores_h, self.votes = self._read_host(idx, scores, votes)
         else:
             flat = topk_ids.reshape(-1).long()
-            idx = torch.where(flat >= 0, flat, self.E)  # [T*k], padding (-1) -> column E
+            idx = torch.where(flat >= 0, flat, E)  # [T*k], padding (-1) -> column E
             need, scores_h, self.votes = self._read(idx, scores, votes)  # the one device read
 
         self.clock += 1
         self.busy = None  # the read above waited for every earlier kernel
         pool = self.slots.layer_pool[layer]
-        needed = np.flatnonzero(need)
+        needed = need.nonzero()[0]
         self.eviction_policy.observe(layer, need)
         if scores_h is not None:
             self.eviction_policy.note_scores(layer, scores_h)
         self._settle_prefetch(layer, pool, need)
         self.last_needed[layer] = needed
 
-        slot_of = self.slots.table[layer][needed]
+        slot_of = self._rows[layer][needed]  # -1: not resident
         resident = slot_of >= 0
         n_needed, n_hit = len(needed), int(np.count_nonzero(resident))
-        busy_copy = self._inflight(pool)
-        if busy_copy.any():
+        busy_copy, capacity = self._no_slots, self.K
+        if self.unsettled:
             # In-flight fills of slots this step does not read stay untouched; those it reads
             # are waited on by its compute, after which a later wave may reuse them.
-            busy_copy[slot_of[resident]] = False
-        capacity = self.K - int(np.count_nonzero(busy_copy))
+            busy_copy = self._inflight(pool)
+            busy_copy[slot_of] = False
+            capacity = self.K - int(np.count_nonzero(busy_copy))
         if capacity < 1:  # prefetch keeps >= top_k slots free of in-flight copies
             self._count_step(layer, n_needed, n_hit, 0)
             raise RuntimeError("expert cache: every slot of the pool has a copy in flight")
         if n_needed <= capacity:  # one wave (the order of its experts changes no decision)
             self._count_step(layer, n_needed, n_hit, 1)
-            self._place(layer, pool, needed, busy_copy)
+            self._place(layer, pool, needed, busy_copy, slot_of)
             self._upload()
             return Plan(Wave(self._translate(layer, idx, topk_ids, topk_ids.dtype)))
         ordered = np.concatenate([needed[resident], needed[~resident]])
@@ -127,15 +163,13 @@ class EagerExecutor:
         return Plan(waves[0](), waves[1:])
 
     def _count_step(self, layer: int, needed: int, hits: int, waves: int) -> None:
-        self.counters.add(
-            layer,
-            hits=hits,
-            misses=needed - hits,
-            distinct=needed,
-            steps=1,
-            bytes_h2d=(needed - hits) * self._bytes,
-            waves=waves,
-        )
+        row = self.counters.host[layer]
+        row[_HITS] += hits
+        row[_MISSES] += needed - hits
+        row[_DISTINCT] += needed
+        row[_STEPS] += 1
+        row[_BYTES] += (needed - hits) * self._bytes
+        row[_WAVES] += waves
 
     def _read(
         self, idx: torch.Tensor, scores: torch.Tensor | None, votes: torch.Tensor | None
@@ -166,40 +200,52 @@ class EagerExecutor:
         need = need_ext[:E]
         if scores is None and votes is None:
             return need, None, None
-        # torch.cat's promotion in ``_read``: float32, unless the votes need a wider type
-        kind = torch.float32 if votes is None else torch.promote_types(torch.float32, votes.dtype)
+        # the dtype torch.cat gives ``_read``'s parts: float32 unless the votes are wider
+        kind = torch.float32
+        if votes is not None and votes.dtype != torch.float32:
+            kind = torch.promote_types(torch.float32, votes.dtype)
         scores_h = votes_h = None
         if scores is not None:
-            scores_h = scores.reshape(E).float().to(kind).numpy().copy()
+            # read at once by the eviction policy, never kept: a view of a float32 tensor will do
+            f32 = scores if scores.dtype == torch.float32 else scores.float()
+            scores_h = f32.numpy().reshape(E) if kind == torch.float32 else _host_copy(f32, kind, E)
         if votes is not None:
-            votes_h = votes.reshape(E).to(kind).numpy().copy()
+            votes_h = _host_copy(votes, kind, E)
         return need, scores_h, votes_h
 
     def _translate(self, row: int, idx, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Row ``row`` of the device table (+ wave rows) at ``idx``, shaped as ``like``."""
-        if self.host:
-            out = torch.from_numpy(self._dev_np[row][idx].reshape(like.shape))
-        else:
-            out = self.dev_ext[row].index_select(0, idx).view_as(like)
-        return out.to(dtype)
+        if self.host:  # idx has the shape of ``like``
+            out = self._dev_np[row].take(idx)
+            want = _NP.get(dtype)
+            if want is None:
+                want = _np_dtype(dtype)
+            return torch.from_numpy(out if out.dtype == want else out.astype(want))
+        return self.dev_ext[row].index_select(0, idx).view_as(like).to(dtype)
 
     # ---------------------------------------------------------------- placement
-    def _place(self, layer: int, pool: int, experts: np.ndarray, keep: np.ndarray) -> np.ndarray:
-        """Make ``experts`` (<= capacity) resident in ``pool`` without touching ``keep`` [K]."""
-        row = self.slots.table[layer]
-        slot_of = row[experts]
-        miss = slot_of < 0
-        if miss.any():
+    def _place(
+        self,
+        layer: int,
+        pool: int,
+        experts: np.ndarray,
+        keep: np.ndarray,
+        slot_of: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Make ``experts`` (<= capacity) resident in ``pool`` without touching ``keep`` [K + 1].
+        ``slot_of``: their slots now (-1: not resident; a new array this call may change)."""
+        used = self._rows[layer][experts] if slot_of is None else slot_of
+        miss = used < 0
+        n_miss = int(np.count_nonzero(miss))
+        if n_miss:
             protected = keep.copy()
-            protected[slot_of[~miss]] = True
+            protected[used] = True  # this wave's resident experts stay (misses: scratch K)
             misses = experts[miss]
-            victims = self._victims(pool, len(misses), protected)
+            victims = self._victims(pool, n_miss, protected)
             self.transfer.begin()
             self._fill(layer, misses, pool, victims)
-            used = row[experts].astype(np.int64)
-        else:
-            used = slot_of.astype(np.int64)
-        self.slots.last_use[pool, used] = self.clock
+            used[miss] = victims
+        self._lu[pool][used] = self.clock
         if self.transfer.cuda:
             self.transfer.wait((used + pool * self.K).tolist())
         self.busy = (pool, used)
@@ -220,7 +266,7 @@ class EagerExecutor:
             used = self._place(layer, pool, experts, keep)
             stage = self._next_staging()
             wave_map, wave_mask = stage[self.L], stage[self.L + 1]
-            wave_map.fill(int(used[0]))  # choices of other waves point at a filled slot
+            wave_map.fill(used[0])  # choices of other waves point at a filled slot
             wave_map[experts] = used
             wave_map[self.E] = -1  # padding stays -1, mask 0
             wave_mask.fill(0)
@@ -233,37 +279,48 @@ class EagerExecutor:
         return make
 
     def _victims(self, pool: int, count: int, protected: np.ndarray) -> np.ndarray:
-        """``count`` slots to overwrite: empty first, then by the eviction policy."""
+        """``count`` slots to overwrite: empty first, then by the eviction policy. ``protected``
+        [K + 1] (or [K]): slots that must stay."""
         if count == 0:
             return np.zeros(0, dtype=np.int64)
-        cand = np.flatnonzero(~protected)
-        if len(cand) < count:
-            raise RuntimeError(f"expert cache: {count} fills but only {len(cand)} evictable slots")
-        sl, se = self.slots.slot_layer[pool, cand], self.slots.slot_expert[pool, cand]
-        primary, secondary = self.eviction_policy.keys(
-            np.maximum(sl, 0), np.maximum(se, 0), self.slots.last_use[pool, cand]
-        )
-        primary = np.where(sl < 0, -np.inf, np.asarray(primary, dtype=np.float64))
-        return cand[eviction_order(primary, secondary)[:count]]
+        K = self.K
+        protected = protected[:K]
+        free = K - int(np.count_nonzero(protected))
+        if free < count:
+            raise RuntimeError(f"expert cache: {count} fills but only {free} evictable slots")
+        sl = self._sl[pool]
+        # Keys of every slot of the pool (an empty slot's (-1, -1) picks some value that -inf
+        # replaces); protected slots sort after all others: they are the most significant key.
+        primary, secondary = self.eviction_policy.keys(sl, self._se[pool], self._lu[pool])
+        if not self._full[pool]:
+            empty = sl < 0
+            if np.count_nonzero(empty):
+                primary = np.where(empty, -np.inf, primary)
+            else:
+                self._full[pool] = True
+        if primary is secondary:  # LRU: recency only
+            return np.lexsort((primary, protected))[:count]
+        return np.lexsort((secondary, primary, protected))[:count]
 
     def _fill(self, layer: int, experts: np.ndarray, pool: int, slots: np.ndarray) -> None:
         """Evict the occupants of ``slots`` (counting wasted prefetches) and copy ``experts``
         (distinct, none resident) of ``layer`` into them, pairwise."""
         s = self.slots
-        old_layer, old_expert = s.slot_layer[pool, slots], s.slot_expert[pool, slots]
-        occupied = old_layer >= 0
-        wasted = occupied & s.prefetched[pool, slots]
-        if wasted.any():
-            self.counters.add_each("prefetch_wasted", old_layer[wasted])
-        s.table[old_layer[occupied], old_expert[occupied]] = -1
-        s.table[layer, experts] = slots
-        s.slot_layer[pool, slots] = layer
-        s.slot_expert[pool, slots] = experts
-        s.prefetched[pool, slots] = False
-        if self.host:  # one indexed copy per named tensor
-            src_idx, dst_idx = torch.from_numpy(experts), torch.from_numpy(slots)
-            for src, dst in zip(self._layer_src[layer], self._pool_dst[pool]):
-                dst.index_copy_(0, dst_idx, src.index_select(0, src_idx))
+        slot_layer, slot_expert, prefetched = self._sl[pool], self._se[pool], self._pf[pool]
+        old_layer, old_expert = slot_layer[slots], slot_expert[slots]
+        if self._prefetched and np.count_nonzero(prefetched):
+            wasted = prefetched[slots] & (old_layer >= 0)
+            if np.count_nonzero(wasted):
+                self.counters.add_each("prefetch_wasted", old_layer[wasted])
+            prefetched[slots] = False
+        # an empty slot holds (-1, -1): its write lands on table[L - 1, E], padding, always -1
+        s.table[old_layer, old_expert] = -1
+        self._rows[layer][experts] = slots
+        slot_layer[slots] = layer
+        slot_expert[slots] = experts
+        if self.host:  # one gather-scatter of bytes per named tensor
+            for src, dst in zip(self._src_np[layer], self._dst_np[pool]):
+                dst[slots] = src.take(experts, axis=0)
             return
         for e, slot in zip(experts.tolist(), slots.tolist()):
             g = s.global_slot(pool, slot)
@@ -275,8 +332,9 @@ class EagerExecutor:
                 self.unsettled.add(g)
 
     def _inflight(self, pool: int) -> np.ndarray:
-        """[K] bool: slots of ``pool`` whose latest fill has not finished (non-blocking queries)."""
-        mask = np.zeros(self.K, dtype=bool)
+        """[K + 1] bool: slots of ``pool`` whose latest fill has not finished (non-blocking
+        queries; entry K is scratch, False)."""
+        mask = np.zeros(self.K + 1, dtype=bool)
         for g in list(self.unsettled):
             if not self.transfer.in_flight(g):
                 self.unsettled.discard(g)
@@ -287,16 +345,15 @@ class EagerExecutor:
     # ---------------------------------------------------------------- prefetch
     def _settle_prefetch(self, layer: int, pool: int, need: np.ndarray) -> None:
         """Score this layer's prefetched slots against the step that now arrived."""
-        s = self.slots
-        pf = s.prefetched[pool]
-        if not pf.any():
+        pf = self._pf[pool]
+        if not (self._prefetched and np.count_nonzero(pf)):
             return
-        sel = pf & (s.slot_layer[pool] == layer)
-        if sel.any():
-            used = need[s.slot_expert[pool, sel]]
+        sel = pf & (self._sl[pool] == layer)
+        if np.count_nonzero(sel):
+            used = need[self._se[pool][sel]]
             n_used = int(np.count_nonzero(used))
             self.counters.add(layer, prefetch_hits=n_used, prefetch_wasted=len(used) - n_used)
-            s.prefetched[pool, sel] = False
+            pf[sel] = False
 
     def prefetch_next(self, layer: int) -> None:
         """Copy the next layer's predicted experts (votes read by ``prepare``, plus its previous
@@ -327,7 +384,7 @@ class EagerExecutor:
         Returns the number of experts copied.
         """
         pool = self.slots.layer_pool[layer]
-        row = self.slots.table[layer]
+        row = self._rows[layer]
         ranked = np.asarray(ranked, dtype=np.int64)
         present = row[ranked]
         wanted = ranked[present < 0]
@@ -335,18 +392,20 @@ class EagerExecutor:
             return 0
         inflight = self._inflight(pool)
         protected = inflight.copy()
-        protected[present[present >= 0]] = True  # keep predicted experts already resident
+        protected[present] = True  # keep predicted experts already resident (-1: scratch K)
         if self.busy is not None and self.busy[0] == pool:
             protected[self.busy[1]] = True
+        n_protected = int(np.count_nonzero(protected[: self.K]))
         budget = self.K - self.top_k - int(np.count_nonzero(inflight))
-        count = max(0, min(len(wanted), self.K - int(np.count_nonzero(protected)), budget))
+        count = max(0, min(len(wanted), self.K - n_protected, budget))
         if count == 0:
             return 0
         victims = self._victims(pool, count, protected)
         self.transfer.begin()
         self._fill(layer, wanted[:count], pool, victims)
-        self.slots.prefetched[pool, victims] = True
-        self.slots.last_use[pool, victims] = self.clock
+        self._pf[pool][victims] = True
+        self._prefetched = True
+        self._lu[pool][victims] = self.clock
         self.counters.add(layer, prefetch_fills=count, bytes_h2d=count * self._bytes)
         return count
 
@@ -364,11 +423,11 @@ class EagerExecutor:
 
     def _upload(self, stage: np.ndarray | None = None) -> None:
         """Copy the host slot table (and a wave map, if staged) to the device, non-blocking."""
+        if self.host:  # the device table is the host table
+            return
         if stage is None:
             stage = self._next_staging()
         stage[: self.L] = self.slots.table
-        if self.host:
-            return
         self.dev_ext.copy_(self.staging[self.ring], non_blocking=True)
         if self.transfer.cuda:
             ev = torch.cuda.Event()
@@ -376,8 +435,33 @@ class EagerExecutor:
             self.staging_events[self.ring] = ev
 
 
-def _host_index(topk_ids: torch.Tensor, num_experts: int) -> np.ndarray:
-    """topk_ids (a CPU tensor) flattened to int64 numpy, padding (< 0) -> ``num_experts``."""
-    flat = topk_ids.numpy().reshape(-1).astype(np.int64, copy=False)
-    return np.where(flat >= 0, flat, num_experts)
+_NP = {
+    torch.float32: np.dtype(np.float32),
+    torch.float64: np.dtype(np.float64),
+    torch.int32: np.dtype(np.int32),
+    torch.int64: np.dtype(np.int64),
+}
 
+
+def _np_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty((), dtype=dtype).numpy().dtype
+
+
+def _host_copy(t: torch.Tensor, kind: torch.dtype, size: int) -> np.ndarray:
+    """A CPU tensor of ``size`` elements as a new [size] numpy array of dtype ``kind``."""
+    if t.dtype != kind:
+        t = t.to(kind)
+    return t.numpy().reshape(size).copy()
+
+
+def _word(nbytes: int) -> np.dtype:
+    """The widest unsigned word that divides ``nbytes`` (fewer, wider element copies)."""
+    for w in (np.uint64, np.uint32, np.uint16):
+        if nbytes % np.dtype(w).itemsize == 0:
+            return np.dtype(w)
+    return np.dtype(np.uint8)
+
+
+def _words_view(t: torch.Tensor, word: np.dtype) -> np.ndarray:
+    """[K, *shape] contiguous CPU tensor -> [K, words per slot] numpy view (any dtype)."""
+    return t.view(torch.uint8).reshape(t.shape[0], -1).numpy().view(word)

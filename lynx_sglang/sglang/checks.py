@@ -27,8 +27,9 @@ SUPPORTED = (
     "lynx-sglang supports unquantised bf16/fp16 MoE on the triton MoE runner "
     f"({', '.join(SUPPORTED_ARCHITECTURES.values())}), single data-parallel rank, "
     "no expert parallelism, no speculative decoding, no torch.compile; "
-    "offload also needs --tp-size 1, real weights, top_k <= --lynx-slots <= experts, and "
-    "--disable-cuda-graph with --lynx-executor eager"
+    "offload also needs --tp-size 1, real weights, top_k <= --lynx-slots <= experts, prefill "
+    "CUDA graphs off (--disable-prefill-cuda-graph), and --disable-cuda-graph with "
+    "--lynx-executor eager"
 )
 
 
@@ -114,7 +115,17 @@ def _offload_problems(cfg: LynxConfig, f: ServingFacts) -> list[str]:
     if cfg.executor == "eager" and (f.decode_graphs or f.prefill_graphs):
         out.append(
             "--lynx-executor eager plans expert copies on the host and cannot run inside a "
-            "CUDA graph: add --disable-cuda-graph"
+            "CUDA graph: add --disable-cuda-graph (or use --lynx-executor hybrid)"
+        )
+    elif f.prefill_graphs:
+        out.append(
+            "prefill steps are host-planned (in waves) and cannot run inside a prefill CUDA "
+            "graph: add --disable-prefill-cuda-graph"
+        )
+    if cfg.executor == "hybrid" and cfg.slot_pool == "shared" and f.decode_graphs:
+        out.append(
+            "--lynx-slot-pool shared cannot guarantee captured steps their slots: use "
+            "--lynx-slot-pool layer with CUDA graphs"
         )
     if cfg.executor == "graph" and f.num_experts is not None and 0 < cfg.slots < f.num_experts:
         out.append(

@@ -76,6 +76,10 @@ def around_load_model(original: Callable, runner: Any, *args: Any, **kwargs: Any
     verify_hooks(cfg)
     check(cfg, facts_from_model_runner(runner))
     runtime = _start_runtime(cfg, runner)
+    if runtime.capture_cap is not None:
+        from sglang.srt.runtime_context import get_exec
+
+        cap_decode_graphs(get_exec().graph.cuda_graph_config, runtime.capture_cap)
     rt_mod.activate(runtime)
     try:
         result = original(runner, *args, **kwargs)
@@ -98,6 +102,22 @@ def _start_runtime(cfg: LynxConfig, runner: Any) -> rt_mod.LynxRuntime:
     reporter.attach(runtime)
     logger.info("lynx-sglang: %s on %s", _describe(cfg, runtime), device)
     return runtime
+
+
+def cap_decode_graphs(graph_config: Any, cap: int) -> None:
+    """Capture decode CUDA graphs only at batch sizes up to ``cap`` (every step of them fits the
+    slots in one wave, served by the device-side executor inside the graph); larger batches run
+    eager, host-planned, in waves. The cap itself is captured so smaller batches pad to it.
+    ``graph_config`` is SGLang's resolved ``CudaGraphConfig`` (None: graphs not configured)."""
+    decode = getattr(graph_config, "decode", None)
+    if decode is None or not decode.bs:
+        return
+    top = min(cap, max(decode.bs))
+    sizes = sorted({bs for bs in decode.bs if bs <= top} | {top})
+    if sizes != list(decode.bs):
+        logger.info("lynx-sglang: decode CUDA graphs captured at batch sizes %s", sizes)
+    decode.bs = sizes  # rebound, never mutated in place (SGLang shares the list)
+    decode.max_bs = top
 
 
 def _finish_load(runtime: rt_mod.LynxRuntime, model: torch.nn.Module) -> None:

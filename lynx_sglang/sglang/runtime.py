@@ -15,7 +15,17 @@ import torch
 
 from lynx_sglang.config import LynxConfig
 from lynx_sglang.sglang.checks import moe_layer_ids, num_experts_of
-from lynx_sglang.step import NOT_DECODE, SelectionStats, Step
+from lynx_sglang.step import (
+    NOT_DECODE,
+    SelectionStats,
+    Step,
+    bounded_selection,
+    decode_capture_cap,
+)
+
+
+class CaptureTooLarge(RuntimeError):
+    """A CUDA-graph capture larger than the expert cache can serve in every step (one line)."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +66,16 @@ class LynxRuntime:
         # MoE decoder layer id -> dense index into the store / cache / stats ([L] tables).
         self.layer_index = {lid: i for i, lid in enumerate(model.moe_layer_ids)}
         num_layers = len(model.moe_layer_ids)
-        self.selection = cfg.selection if cfg.selection_on else None
+        E, slots = model.num_experts, cfg.slots
+        hybrid = cfg.offload_on and cfg.executor == "hybrid"
+        self.selection = None
+        if cfg.selection_on:  # a hybrid cache bounds the kept set by K (captured steps fit)
+            self.selection = bounded_selection(cfg.selection, slots, E) if hybrid else cfg.selection
+        # The largest decode batch a CUDA graph may capture (None: any): every captured step must
+        # fit the slots in one wave, the device-side executor's only shape.
+        self.capture_cap = (
+            decode_capture_cap(self.selection, slots, model.top_k, E) if cfg.offload_on else None
+        )
         self.stats = (
             SelectionStats(num_layers, model.num_experts, self.device)
             if stats and cfg.selection_on
@@ -84,7 +103,14 @@ class LynxRuntime:
         return Step(decode=True, num_valid=rows)
 
     def capture_step(self, rows: int) -> Step:
-        """A decode forward being captured: the real count is read from the device buffer."""
+        """A decode forward being captured: the real count is read from the device buffer.
+        A capture beyond ``capture_cap`` could meet a step the slots cannot serve: refused."""
+        if self.capture_cap is not None and rows > self.capture_cap:
+            raise CaptureTooLarge(
+                f"lynx-sglang: a decode CUDA graph of {rows} rows was to be captured, but with "
+                f"--lynx-slots {self.cfg.slots} only batches up to {self.capture_cap} fit the "
+                f"slots in every step; set --cuda-graph-max-bs-decode {self.capture_cap} or lower"
+            )
         self.graph_rows.fill_(rows)
         return Step(decode=True, num_valid=self.graph_rows)
 

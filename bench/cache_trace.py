@@ -128,7 +128,7 @@ def run_trace(
                 votes = predict_votes(h, cache.router(layer + 1), k, None, NOT_DECODE)
             for _wave in cache.prepare(layer, ids, scores, votes):  # counts only: no compute
                 pass
-            cache.prefetch_next(layer)
+            cache.end_step(layer)
             if prefetch == "oracle":
                 nl, ns = (layer + 1, s) if layer + 1 < L else (0, s + 1)
                 if ns < S:

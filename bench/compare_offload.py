@@ -52,7 +52,7 @@ from lynx_sglang.config import SelectionParams
 from lynx_sglang.model.qwen3_moe import MoEModel, experts_forward
 from lynx_sglang.offload import ExpertCache, HostExpertStore
 from lynx_sglang.selection import select_experts_ref
-from lynx_sglang.step import Step, moe_layer_step
+from lynx_sglang.step import Step, bounded_selection, decode_capture_cap, moe_layer_step
 
 RESULTS = Path(__file__).parent / "results"
 QUALITY_GOAL = {"ppl_rel_increase": 0.005, "agreement": 0.99}  # bench/quality.py's goal
@@ -218,14 +218,24 @@ def replay(R: Routing, setup: Setup, params: SelectionParams, pre: dict, gates, 
     cache, cross = None, setup.prefetch in ("cross-layer", "both")
     if setup.slots is not None:  # CPU: tiny experts; hits and misses do not depend on the size
         store = gpu.store() if gpu else HostExpertStore(L, E, {"w": (4,)}, torch.float32, None, 0)
-        cache = ExpertCache(store, setup.slots, dev, k, setup.eviction, prefetch=setup.prefetch)
+        cache = ExpertCache(store, setup.slots, dev, k, setup.eviction, executor="hybrid",
+                            prefetch=setup.prefetch)  # fmt: skip
+        cache.executor.graphs = True  # the server captured its decode graphs at start-up
         if cross:
             for layer in range(L):
                 cache.set_router(layer, gates[layer].to(dev))
         clock = _HostClock(cache)
-    selection = params if setup.lynx else None
+    # The server's path for a decode batch of B (hybrid executor): a CUDA graph when every step
+    # of B fits the slots (the capture rule; captured steps cap the kept set at K), else eager.
+    captured, selection = True, params if setup.lynx else None
+    if cache is not None:
+        bounded = bounded_selection(params, setup.slots, E) if setup.lynx else None
+        cap = decode_capture_cap(bounded, setup.slots, k, E)
+        captured = cap is None or B <= cap
+        if captured and setup.lynx:
+            selection = bounded
     kernels = [_kernel(gpu, layer, dev) for layer in range(L)]
-    step = Step(decode=True, num_valid=B)
+    step = Step(decode=True, num_valid=torch.tensor(B, device=dev) if captured else B)
     seen = torch.zeros(W, D, L, E, dtype=torch.bool) if setup.aware else None
     times, host_ns = [], []
     for rep in range(gpu.repeats if gpu else 1):
@@ -246,7 +256,7 @@ def replay(R: Routing, setup: Setup, params: SelectionParams, pre: dict, gates, 
                                R.logits[w, d, layer], kernels[layer], step, selection, cache)  # fmt: skip
                 if cache is None:
                     continue
-                if gpu is None and n >= warmup:
+                if gpu is None and n >= warmup and not captured:
                     host_ns.append(clock.take())
                 c = cache.counters(reset=True)["total"]
                 counts[n, layer] = [c[f] for f in ("distinct", "hits", "misses", "prefetch_fills", "waves")]  # fmt: skip
@@ -256,8 +266,8 @@ def replay(R: Routing, setup: Setup, params: SelectionParams, pre: dict, gates, 
             torch.cuda.synchronize()
             times.append(statistics.fmean(s.elapsed_time(e) for s, e in events))
     path, host_us = "CUDA graph", 0.0
-    if cache is not None:  # our cache serves offload with the eager executor, graphs off
-        path = "eager, graphs off"
+    if not captured:  # host-planned: its planning measured here, state pull and push included
+        path = f"eager (B > {cap})"
         host_us = statistics.fmean(host_ns) / 1e3 if host_ns else 0.0
     step_time = statistics.median(times) if times else None
     return Run(setup, counts[warmup:], seen, step_time, path=path, host_us=host_us)
@@ -265,12 +275,12 @@ def replay(R: Routing, setup: Setup, params: SelectionParams, pre: dict, gates, 
 
 class _HostClock:
     """Host time of the cache's planning in a layer-step (``prepare`` with its one device->host
-    read and uploads, and ``prefetch_next``): what an eager step makes the GPU wait for. The
+    read and uploads, and ``end_step``): what an eager step makes the GPU wait for. The
     selection is not in it: in the server it runs on the device (two kernel launches)."""
 
     def __init__(self, cache: ExpertCache) -> None:
         self.ns = 0
-        for name in ("prepare", "prefetch_next"):
+        for name in ("prepare", "end_step"):
             setattr(cache, name, self._timed(getattr(cache, name)))
 
     def _timed(self, fn):
@@ -642,7 +652,13 @@ class Bench:
             run = Run(setup, counts[warmup:], None, path=path,
                       host_us=0.0 if captured else plan_us)  # fmt: skip
             out.append(self.row(run, B, q))
-        for name, ids, q in ((MIN_BOUND, R.ids, exact), (MIN_LYNX, sel.topk_ids, lynx_q)):
+        # MIN under Lynx on the routing lynx+offload serves at this B: captured steps (B up to
+        # the cap) run the selection with its kept set capped at K
+        bounded = bounded_selection(self.params, K, E)
+        product_ids = sel.topk_ids
+        if B <= (decode_capture_cap(bounded, K, self.k, E) or B):
+            product_ids = select_experts_ref(R.logits, R.ids, R.weights, bounded).topk_ids
+        for name, ids, q in ((MIN_BOUND, R.ids, exact), (MIN_LYNX, product_ids, lynx_q)):
             flat = ids.reshape(W * D, L, *ids.shape[3:]).cpu()
             setup = Setup(name, K, lynx=name == MIN_LYNX, eviction="MIN")
             run = Run(setup, peers.replay_belady(flat, E, K)[warmup:], None, path="bound")
@@ -667,12 +683,20 @@ class Bench:
                      for e in self.evictions for m in modes]  # fmt: skip
             self.runs[(B, f, name)] = sweep
             best = best_run(sweep, B, self.k, self.shape, self.hw)
+            # the quality of what ran: captured steps cap the kept set at K (see replay)
+            bounded = bounded_selection(p, K, self.E)
+            ran = bounded if best.path == "CUDA graph" else p
             q = lynx["q"]
             if aware:
-                r = quality_with_resident(self.model, ctx["wins"], self.args.prefill, p,
+                r = quality_with_resident(self.model, ctx["wins"], self.args.prefill, ran,
                                           best.resident, ctx["base_am"])  # fmt: skip
                 q = quality_cost(r, ctx["base"], "bench/quality.py measure; selection sees the "
                                  "resident masks of this replay")  # fmt: skip
+            elif ran is not p:
+                r, _, _ = quality.run_setting(self.model, ctx["wins"], self.args.prefill, ran,
+                                              ctx["base_am"])  # fmt: skip
+                q = quality_cost(r, ctx["base"], "bench/quality.py at this batch, kept set "
+                                 "capped at K (captured steps)")  # fmt: skip
             self.rows.append(self.row(best, B, q, sweep))
 
     def finish(self) -> dict:

@@ -99,7 +99,7 @@ def moe_layer_step(
         y = kernel(x, slot_ids, wave.weights(weights), experts)
         out = y if plan.single else (y.float() if out is None else out + y.float())
     # 6. start copying the next layer's predicted experts while this layer computes
-    cache.prefetch_next(layer)
+    cache.end_step(layer)
     return out.to(x.dtype)
 
 

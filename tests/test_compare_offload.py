@@ -117,14 +117,21 @@ def test_sglang_paged_experts_row_is_exact_and_min_bounds_every_eviction(result)
         assert (peer["host_us_per_layer_step"] == 0) == (B <= cap)
 
 
-def test_host_time_is_charged_on_the_eager_path(result):
-    """Our cache runs eager with graphs off: its measured host planning is in the projection."""
+def test_each_row_takes_the_servers_path_and_pays_its_host_time(result):
+    """The hybrid cache: decode batches up to the capture cap run in a CUDA graph (no host
+    planning); larger ones host-planned, their measured planning charged. K = 16 of 64, top-8:
+    the cap is 2 tokens without selection, 16 with it (the kept set capped at K)."""
     res, _ = result
     for r in res["rows"]:
         if r["status"] != "ok":
             continue
         if r["system"].startswith(("offload (ours)", "lynx+offload")):
-            assert r["server_path"] == "eager, graphs off" and r["host_us_per_layer_step"] > 0
+            cap = 16 if r["selection"] else 2
+            if r["batch"] <= cap:
+                assert r["server_path"] == "CUDA graph" and r["host_us_per_layer_step"] == 0
+            else:
+                assert r["server_path"] == f"eager (B > {cap})"
+                assert r["host_us_per_layer_step"] > 0
         if r["system"] in ("resident", "lynx") or r["system"].startswith("bound"):
             assert r["host_us_per_layer_step"] == 0
 

@@ -336,3 +336,38 @@ def test_forward_modes_map_to_steps(weights):
     assert captured.decode and captured.num_valid is runtime.graph_rows
     assert int(runtime.graph_rows) == 16 and not_captured == NOT_DECODE
     assert runtime.step == NOT_DECODE  # restored after every scope
+
+
+@pytest.mark.parametrize("mode", ["offload", "lynx+offload"])
+def test_captured_decode_steps_run_device_side_and_eager_steps_in_waves(
+    sglang_layers, weights, stock, mode
+):
+    """The hybrid path through the real FusedMoE: a decode step captured at the cap (K // top_k
+    tokens without selection, K tokens with it) is served by the device-side executor in one
+    wave, never NaN; prefill and larger batches run host-planned, in waves; all exact."""
+    moe_stock, topk = stock
+    runtime = runtime_for(weights, mode=mode, budget=0.5, slots=16, prefetch="off")
+    moe, _ = build(sglang_layers, weights, runtime)
+    cap = runtime.capture_cap
+    assert cap == (16 if mode == "lynx+offload" else 16 // weights["top_k"])
+    E = weights["gate"].shape[0]
+    for seed in range(3):
+        x, logits = inputs(weights, 10 + seed)
+        routed = topk.forward_native(x[:cap], logits[:cap])
+        with activated(runtime), runtime.scope(runtime.capture_step(cap)):
+            out = moe(x[:cap], routed)
+        assert not torch.isnan(out).any()
+        if runtime.selection is None:
+            torch.testing.assert_close(out, moe_stock(x[:cap], routed), atol=2e-5, rtol=1e-4)
+        else:
+            assert runtime.captured_selection.max_experts == 16  # the kept set capped at K
+            ref = select_experts_ref(logits[:cap], routed.topk_ids, routed.topk_weights,
+                                     runtime.captured_selection, num_valid=cap)  # fmt: skip
+            assert int(distinct_experts(ref.topk_ids, E)) <= 16
+            expected = reference(weights, x[:cap], ref.topk_ids, ref.topk_weights)
+            torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+        with activated(runtime), runtime.scope(NOT_DECODE):  # a prefill: host-planned waves
+            prefill = topk.forward_native(x, logits)
+            torch.testing.assert_close(moe(x, prefill), moe_stock(x, prefill), atol=2e-5, rtol=1e-4)
+    counters = runtime.cache.counters()["total"]
+    assert counters["overflow"] == 0 and counters["waves"] > counters["steps"]

@@ -3,11 +3,12 @@
     plan = cache.prepare(layer, topk_ids)        # experts resident, ids -> slot ids, in waves
     experts = cache.slot_weights(layer)          # {"w13": [K, 2I, H], "w2": [K, H, I]}
     for wave in plan: kernel(x, wave.slot_ids, wave.weights(topk_weights), experts)
-    cache.prefetch_next(layer)                   # the next layer's predicted experts start moving
+    cache.end_step(layer)                        # the next layer's predicted experts start moving
 
 ``lynx_sglang.step.moe_layer_step`` is the one place that runs this sequence. The executor (eager:
-host-planned, any step, in waves; graph: device-planned, fixed shapes, CUDA-graph safe) is chosen
-once at construction; both implement the same contract (``Executor``).
+host-planned, any step, in waves; graph: device-planned, fixed shapes, CUDA-graph safe; hybrid:
+captured steps on the graph one, the rest eager, one state) is chosen once at construction; all
+three implement the same contract (``Executor``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .counters import Counters
 from .eager import EagerExecutor
 from .eviction import make_policy
 from .graph import GraphExecutor
+from .hybrid import HybridExecutor
 from .plan import Plan
 from .slots import SlotStorage
 from .store import HostExpertStore
@@ -43,9 +45,10 @@ class Executor(Protocol):
         topk_ids: torch.Tensor,
         scores: torch.Tensor | None,
         votes: torch.Tensor | None,
+        captured: bool,
     ) -> Plan: ...
 
-    def prefetch_next(self, layer: int) -> None: ...
+    def end_step(self, layer: int) -> None: ...
 
     def prefetch_ranked(self, layer: int, experts: np.ndarray) -> None: ...
 
@@ -105,18 +108,20 @@ class ExpertCache:
         self.num_slots = pool_size  # K: slot ids are in [0, K)
         self.slots = SlotStorage(store, num_pools, pool_size, layer_pool, self.device)
         self._counters = Counters(L)
-        like = "numpy" if executor == "eager" else self.device
-        policy = make_policy(eviction, L, E, like, lfu_decay)
         self.executor: Executor
-        if executor == "eager":
+        if executor in ("eager", "hybrid"):  # host planning on numpy; built first (see hybrid)
             transfer = TransferEngine(self.device, num_pools * pool_size)
-            self.executor = EagerExecutor(
-                store, self.slots, transfer, policy, self._counters, top_k, prefetch
-            )
-        else:
-            self.executor = GraphExecutor(
-                store, self.slots, policy, self._counters, top_k, prefetch, gather_backend
-            )
+            self.executor = eager = EagerExecutor(
+                store, self.slots, transfer, make_policy(eviction, L, E, "numpy", lfu_decay),
+                self._counters, top_k, prefetch,
+            )  # fmt: skip
+        if executor in ("graph", "hybrid"):  # device planning: its tensors are the state
+            self.executor = device = GraphExecutor(
+                store, self.slots, make_policy(eviction, L, E, self.device, lfu_decay),
+                self._counters, top_k, prefetch, gather_backend,
+            )  # fmt: skip
+        if executor == "hybrid":
+            self.executor = HybridExecutor(eager, device)
 
     @classmethod
     def from_config(
@@ -156,20 +161,15 @@ class ExpertCache:
         ``plan.slot_ids`` ([T, k], topk_ids' dtype, in [0, K)) in the one-wave case. ``scores``
         [E] (the selection's batch scores) feed score-aware eviction; ``votes`` [E] (the next
         layer's predicted experts, ``step.predict_votes``) feed its cross-layer prefetch, which
-        ``prefetch_next`` starts. ``captured``: the step is being captured in a CUDA graph; only
-        the graph executor can serve it (the server's checks make sure it is the one in use).
+        ``end_step`` starts. ``captured``: the step is being captured in a CUDA graph: only the
+        device-side planning can serve it (graph or hybrid executor; eager raises).
         """
-        if captured and self.executor_name != "graph":
-            raise RuntimeError(
-                "expert cache: a CUDA-graph capture reached the eager executor; use "
-                "--lynx-executor graph or --disable-cuda-graph"
-            )
-        return self.executor.prepare(layer, topk_ids, scores, votes)
+        return self.executor.prepare(layer, topk_ids, scores, votes, captured)
 
-    def prefetch_next(self, layer: int) -> None:
-        """Start copying the next layer's predicted experts (after ``prepare`` of ``layer``)."""
-        if self.prefetch_mode != "off":
-            self.executor.prefetch_next(layer)
+    def end_step(self, layer: int) -> None:
+        """The step's last call, after its waves: the next layer's predicted experts start
+        copying (prefetch on), and a hybrid cache publishes what the host planned."""
+        self.executor.end_step(layer)
 
     # ---------------------------------------------------------------- prefetch
     def set_router(self, layer: int, weight: torch.Tensor) -> None:

@@ -116,8 +116,14 @@ class EagerExecutor:
         topk_ids: torch.Tensor,
         scores: torch.Tensor | None = None,
         votes: torch.Tensor | None = None,
+        captured: bool = False,
     ) -> Plan:
         """Make this step's experts resident; returns its waves (one unless K is too small)."""
+        if captured:
+            raise RuntimeError(
+                "expert cache: a CUDA-graph capture reached the eager executor, which plans on the "
+                "host; use --lynx-executor hybrid or --disable-cuda-graph"
+            )
         E = self.E
         if self.host:
             idx = topk_ids.numpy().astype(np.int64)  # topk_ids' shape [T, k], a copy
@@ -354,6 +360,21 @@ class EagerExecutor:
             n_used = int(np.count_nonzero(used))
             self.counters.add(layer, prefetch_hits=n_used, prefetch_wasted=len(used) - n_used)
             pf[sel] = False
+
+    def end_step(self, layer: int) -> None:
+        """After the step's waves: the next layer's prefetch (when on)."""
+        if self.prefetch_mode != "off":
+            self.prefetch_next(layer)
+
+    def note_pulled(self) -> None:
+        """The host state was overwritten from the device (hybrid): drop what it implied."""
+        self._full = [False] * self.slots.num_pools
+        self._prefetched = self._prefetched or bool(self.slots.prefetched.any())
+
+    def order_compute_after_copies(self) -> None:
+        """Make later work on the compute stream wait for every fill issued so far."""
+        if self.transfer.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.transfer.stream)
 
     def prefetch_next(self, layer: int) -> None:
         """Copy the next layer's predicted experts (votes read by ``prepare``, plus its previous

@@ -44,6 +44,10 @@ class EvictionPolicy:
         """Per-slot primary key (None: recency only). slot_layer/slot_expert: [K], >= 0."""
         return None
 
+    def arrays(self) -> dict[str, Array]:
+        """The policy's state arrays by name (none for LRU, whose state is the slots' last use)."""
+        return {}
+
     def keys(self, slot_layer: Array, slot_expert: Array, last_use: Array) -> tuple[Array, Array]:
         """(primary, secondary) per slot; lowest evicted first."""
         v = self.value(slot_layer, slot_expert)
@@ -67,6 +71,9 @@ class LFUPolicy(EvictionPolicy):
         super().__init__(num_layers, num_experts, like)
         self.decay = decay
         self.freq = zeros((num_layers, num_experts), like)  # [L, E]
+
+    def arrays(self) -> dict[str, Array]:
+        return {"freq": self.freq}
 
     def observe(self, layer: int, needed: Array) -> None:
         row = self.freq[layer]
@@ -92,6 +99,9 @@ class ScorePolicy(EvictionPolicy):
         super().__init__(num_layers, num_experts, like)
         self.decay = decay
         self.score = zeros((num_layers, num_experts), like)  # [L, E]
+
+    def arrays(self) -> dict[str, Array]:
+        return {"score": self.score}
 
     def note_scores(self, layer: int, scores: Array) -> None:
         row = self.score[layer]

@@ -77,6 +77,7 @@ class GraphExecutor:
         topk_ids: torch.Tensor,
         scores: torch.Tensor | None = None,
         votes: torch.Tensor | None = None,
+        captured: bool = False,
     ) -> Plan:
         """Serve one step on the device; returns a one-wave plan with a weight mask."""
         E, K = self.E, self.K
@@ -233,6 +234,11 @@ class GraphExecutor:
         ev = self.prefetch_events.pop(layer, None)
         if ev is not None:
             torch.cuda.current_stream(self.device).wait_event(ev)
+
+    def end_step(self, layer: int) -> None:
+        """After the step's wave: the next layer's prefetch (when on)."""
+        if self.prefetch_mode != "off":
+            self.prefetch_next(layer)
 
     def prefetch_next(self, layer: int) -> None:
         """Copy layer+1's predicted experts (the votes given to ``prepare``, plus its previous

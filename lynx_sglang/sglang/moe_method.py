@@ -186,7 +186,7 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
             topk.router_logits,  # [T, E]
             self._kernel(layer, dispatch_output),
             step=rt.step,
-            selection=rt.selection,
+            selection=rt.selection_for(rt.step),
             cache=self.cache,
             stats=rt.stats,
         )

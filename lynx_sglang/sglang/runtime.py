@@ -67,15 +67,17 @@ class LynxRuntime:
         self.layer_index = {lid: i for i, lid in enumerate(model.moe_layer_ids)}
         num_layers = len(model.moe_layer_ids)
         E, slots = model.num_experts, cfg.slots
-        hybrid = cfg.offload_on and cfg.executor == "hybrid"
-        self.selection = None
-        if cfg.selection_on:  # a hybrid cache bounds the kept set by K (captured steps fit)
-            self.selection = bounded_selection(cfg.selection, slots, E) if hybrid else cfg.selection
+        self.selection = cfg.selection if cfg.selection_on else None
+        # Captured decode steps of a cache run the selection with its kept set capped at K, so
+        # their distinct experts fit the slots (one wave, device-side); other steps run it as set.
+        self.captured_selection = self.selection
+        if self.selection is not None and cfg.offload_on and cfg.executor == "hybrid":
+            self.captured_selection = bounded_selection(self.selection, slots, E)
         # The largest decode batch a CUDA graph may capture (None: any): every captured step must
         # fit the slots in one wave, the device-side executor's only shape.
-        self.capture_cap = (
-            decode_capture_cap(self.selection, slots, model.top_k, E) if cfg.offload_on else None
-        )
+        self.capture_cap = None
+        if cfg.offload_on:
+            self.capture_cap = decode_capture_cap(self.captured_selection, slots, model.top_k, E)
         self.stats = (
             SelectionStats(num_layers, model.num_experts, self.device)
             if stats and cfg.selection_on
@@ -113,6 +115,10 @@ class LynxRuntime:
             )
         self.graph_rows.fill_(rows)
         return Step(decode=True, num_valid=self.graph_rows)
+
+    def selection_for(self, step: Step):
+        """The selection a step runs with (None: off): captured steps get the bounded one."""
+        return self.captured_selection if step.captured else self.selection
 
     # ------------------------------------------------------------------ layers
     def index(self, layer_id: int) -> int:

@@ -43,7 +43,7 @@ def print_report(result: dict) -> None:
         p, fast = result["product"][B], result["speedup_ignoring_quality"][B]
         miss = "" if p["meets_quality_goal"] else " (no setting met the quality goal)"
         print(f"  batch {B:>3}: {s:5.2f}x  {p['system']} ({p['eviction']}/{p['prefetch']}), "
-              f"Δppl {p['ppl_rel_increase']:+.4f}{miss}")
+              f"Δppl {p['ppl_rel_increase']:+.4f}, Δacc {p['accuracy_delta_points']:+.2f} pt{miss}")
         print(f"             fastest regardless of quality {fast['speedup']:.2f}x "
               f"({fast['system']}, agreement {fast['agreement']:.4f})")  # fmt: skip
     print("\nthe same, by K (* = no Lynx setting met the quality goal there: fastest shown;\n"
@@ -105,7 +105,7 @@ def plot(result: dict, path: Path, goal: dict) -> list[str]:
     # distinct experts vs quality, per batch: the base model and every selection row
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     qrows = [r for r in ok if r["selection"] or r["system"] == "resident"]
-    for ax, key in zip(axes, ("ppl_rel_increase", "agreement")):
+    for ax, key in zip(axes, ("ppl_rel_increase", "accuracy_delta_points")):
         for i, B in enumerate(dict.fromkeys(r["batch"] for r in qrows)):
             at = [r for r in qrows if r["batch"] == B]
             base = [(r["distinct_per_layer_step"], r[key]) for r in at if not r["selection"]]

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         p = product[B]
         ok = "met" if p["meets_quality_goal"] else "missed"
         print(f"  batch {B:>3}: {x:5.2f}x  quality goal {ok} (Δppl {p['ppl_rel_increase']:+.4f}, "
-              f"agreement {p['agreement']:.3f}), {p['system']}")
+              f"Δacc {p['accuracy_delta_points']:+.2f} pt), {p['system']}")
     g = c["goal"]
     print(f"  goal >= {g['speedup']}x at batch {g['batches']} within the quality goal: "
           f"{'met' if g['met'] else 'not met'}")
@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "demo": "lynx-sglang",
         "quality": {k: q[k] for k in ("batch", "setting", "expert_reduction", "ppl_rel_increase",
-                                      "agreement", "agreement_bf16_floor")},  # fmt: skip
+                                      "accuracy_delta_points", "kl", "agreement",
+                                      "agreement_bf16_floor")},  # fmt: skip
         "offload": {"time_source": c["time_source"], "shape": c["shape"], "slots": K,
                     "speedup_lynx_offload_vs_offload": speed, "goal_met": g["met"]},  # fmt: skip
         "full_results": str(out_dir / "demo_quick.json"),

@@ -9,7 +9,11 @@ policy applied per position group equals stepping the decode one token at a time
 exactly what a server computing this batch would produce, and fast.
 
 Reports per setting: distinct experts per layer per decode step (mean), held-out perplexity on
-decode positions, greedy next-token agreement with the unmodified model. Last line: JSON.
+decode positions (Δppl), top-1 accuracy against the true next token (Δ in points: the task-
+accuracy analogue for a language model), the mean KL divergence from the unmodified model's
+next-token distribution, and greedy agreement with the unmodified model (reported, not a goal:
+numerics alone move it). Each is shown beside its bf16 numerics floor (the unmodified model in
+bf16 against fp32). Last line: JSON.
 """
 
 from __future__ import annotations
@@ -32,12 +36,18 @@ from lynx_sglang.selection.policy import SelectionParams, distinct_experts, sele
 DEFAULT = SelectionParams()  # the recommended setting (LynxConfig defaults)
 
 
-def load_heldout_ids(model_dir: Path) -> torch.Tensor:
+PROSE = SHIPPED_MODEL.parent / "prose_ood.txt"  # English prose no model trained on
+TEXTS = ("code", "prose")
+
+
+def load_heldout_ids(model_dir: Path, text: str = "code") -> torch.Tensor:
+    """Token ids of the evaluation text: the model's held-out code (in-domain, its
+    ``heldout.txt``) or the shipped out-of-domain English prose (``data/prose_ood.txt``)."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    text = (model_dir / "heldout.txt").read_text()
-    return torch.tensor(tok.encode(text).ids, dtype=torch.long)
+    path = model_dir / "heldout.txt" if text == "code" else PROSE
+    return torch.tensor(tok.encode(path.read_text()).ids, dtype=torch.long)
 
 
 def make_batches(ids: torch.Tensor, batch: int, seq: int, max_batches: int) -> list[torch.Tensor]:
@@ -81,20 +91,31 @@ class Result:
     nll_sum: float
     count: int
     agree: int
-    flips_dist: float = 0.0
+    correct: int = 0  # top-1 predictions equal to the true next token
+    kl_sum: float = 0.0  # sum over positions of KL(base || this setting), nats
 
     @property
     def ppl(self) -> float:
         return math.exp(self.nll_sum / max(self.count, 1))
 
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.count, 1)
+
+    @property
+    def kl(self) -> float:
+        return self.kl_sum / max(self.count, 1)
+
 
 def run_setting(model, batches, prefill, params, base_argmax=None, keep_trace=False,
-                residents=None):
+                residents=None, base_logp=None, keep_logp=False):
     """Forward every batch with the policy; returns (Result, argmax per batch, traces).
 
-    residents: per batch, [D, L, E] resident masks for cache-aware selection (or None)."""
+    residents: per batch, [D, L, E] resident masks for cache-aware selection (or None).
+    base_logp: per batch, the unmodified model's next-token log-probabilities (for the KL);
+    keep_logp: return this run's instead of its argmaxes (the base run, for the others)."""
     E = model.config.num_experts
-    nll, cnt, agree, dsum, dn = 0.0, 0, 0, 0.0, 0
+    nll, cnt, agree, dsum, dn, correct, kl = 0.0, 0, 0, 0.0, 0, 0, 0.0
     argmaxes, traces = [], []
     for b, x in enumerate(batches):
         hook = DecodePolicyHook(params, prefill, E, None if residents is None else residents[b])
@@ -105,7 +126,12 @@ def run_setting(model, batches, prefill, params, base_argmax=None, keep_trace=Fa
             logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), reduction="sum"))
         cnt += tgt.numel()
         am = logits.argmax(-1)
-        argmaxes.append(am)
+        correct += int((am == tgt).sum())
+        logp = torch.log_softmax(logits.float(), -1)  # [B, D, V]
+        if base_logp is not None:
+            ref = base_logp[b].float()
+            kl += float((ref.exp() * (ref - logp)).sum())
+        argmaxes.append((am, logp.to(torch.bfloat16)) if keep_logp else am)
         if base_argmax is not None:
             agree += int((am == base_argmax[b]).sum())
         d = torch.stack(hook.distinct)  # [L, D]
@@ -114,7 +140,7 @@ def run_setting(model, batches, prefill, params, base_argmax=None, keep_trace=Fa
         if keep_trace:
             traces.append(torch.stack(hook.trace, dim=1))  # [D, L, B, k]
     name = "base" if params is None else describe(params)
-    return Result(name, dsum / max(dn, 1), nll, cnt, agree), argmaxes, traces
+    return Result(name, dsum / max(dn, 1), nll, cnt, agree, correct, kl), argmaxes, traces
 
 
 def describe(p: SelectionParams) -> str:
@@ -130,13 +156,13 @@ def describe(p: SelectionParams) -> str:
     return s
 
 
-def numerics_floor(model, batches, prefill, base_argmax) -> Result:
-    """The unmodified model in bf16 against fp32: how much greedy agreement numerics alone cost.
+def numerics_floor(model, batches, prefill, base_argmax, base_logp=None) -> Result:
+    """The unmodified model in bf16 against fp32: what numerics alone move each metric.
 
-    Servers run bf16, so this is the noise floor the agreement column should be read against.
+    Servers run bf16, so this is the noise floor every column should be read against.
     """
     half = copy.deepcopy(model).to(torch.bfloat16)
-    r, _, _ = run_setting(half, batches, prefill, None, base_argmax)
+    r, _, _ = run_setting(half, batches, prefill, None, base_argmax, base_logp=base_logp)
     r.name = "base in bf16 (floor)"
     return r
 
@@ -147,28 +173,34 @@ def evaluate(model, batches, prefill, settings: list[SelectionParams], keep_trac
 
     With ``floor``, the first row is the bf16 numerics floor (see ``numerics_floor``).
     """
-    base, base_am, base_tr = run_setting(model, batches, prefill, None, keep_trace=keep_trace)
+    base, kept, base_tr = run_setting(model, batches, prefill, None, keep_trace=keep_trace,
+                                      keep_logp=True)
+    base_am, base_logp = [am for am, _ in kept], [lp for _, lp in kept]
     base.agree = base.count
     rows, trs = [], []
     if floor:
-        rows.append(numerics_floor(model, batches, prefill, base_am))
+        rows.append(numerics_floor(model, batches, prefill, base_am, base_logp))
         trs.append([])
     for p in settings:
-        r, _, tr = run_setting(model, batches, prefill, p, base_am, keep_trace=keep_trace)
+        r, _, tr = run_setting(model, batches, prefill, p, base_am, keep_trace=keep_trace,
+                               base_logp=base_logp)
         rows.append(r)
         trs.append(tr)
     return base, rows, base_tr, trs
 
 
 def print_table(batch: int, base: Result, rows: list[Result]) -> None:
-    hdr = f"{'setting':<24}{'distinct/layer/step':>20}{'reduction':>11}{'ppl':>10}{'Δppl':>9}{'agreement':>11}"
-    print(f"batch {batch}: {base.count} decode tokens")
+    hdr = (f"{'setting':<22}{'distinct':>9}{'reduction':>10}{'ppl':>9}{'Δppl %':>8}"
+           f"{'acc %':>7}{'Δacc pt':>8}{'KL':>8}{'agree':>7}")
+    print(f"batch {batch}: {base.count} decode tokens (the bf16 row is the numerics floor)")
     print(hdr)
     print("-" * len(hdr))
     for r in [base] + rows:
         red = 1 - r.distinct / base.distinct
-        dp = r.ppl / base.ppl - 1
-        print(f"{r.name:<24}{r.distinct:>20.2f}{red:>11.3f}{r.ppl:>10.3f}{dp:>+9.4f}{r.agree / r.count:>11.4f}")
+        dp = 100 * (r.ppl / base.ppl - 1)
+        da = 100 * (r.accuracy - base.accuracy)
+        print(f"{r.name[:22]:<22}{r.distinct:>9.2f}{red:>10.3f}{r.ppl:>9.3f}{dp:>+8.2f}"
+              f"{100 * r.accuracy:>7.2f}{da:>+8.2f}{r.kl:>8.4f}{r.agree / r.count:>7.3f}")
 
 
 def default_settings(budgets: list[float]) -> list[SelectionParams]:
@@ -182,6 +214,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(SHIPPED_MODEL))
     ap.add_argument("--quick", action="store_true", help="a small slice: under a minute on 2 cores")
+    ap.add_argument("--text", choices=TEXTS, default="code",
+                    help="held-out code (in-domain) or out-of-domain English prose")
     ap.add_argument("--batch", type=int, nargs="+", default=[16])
     ap.add_argument("--prefill", type=int, default=64)
     ap.add_argument("--decode", type=int, default=192)
@@ -196,7 +230,7 @@ def main(argv=None) -> dict:
     t0 = time.time()
     model_dir = Path(args.model)
     model = MoEModel.from_pretrained(model_dir)
-    ids = load_heldout_ids(model_dir)
+    ids = load_heldout_ids(model_dir, args.text)
     if args.quick:
         args.prefill, args.decode = 32, 96
         args.max_batches = args.max_batches or 2
@@ -224,14 +258,20 @@ def main(argv=None) -> dict:
             "ppl_lynx": round(d.ppl, 4),
             "ppl_rel_increase": round(d.ppl / base.ppl - 1, 5),
             "agreement": round(d.agree / d.count, 5),
+            "accuracy_base": round(base.accuracy, 5),
+            "accuracy_delta_points": round(100 * (d.accuracy - base.accuracy), 3),
+            "kl": round(d.kl, 6),
             "decode_tokens": base.count,
             "agreement_bf16_floor": round(floor_row.agree / floor_row.count, 5),
             "ppl_rel_increase_bf16_floor": round(floor_row.ppl / base.ppl - 1, 5),
+            "accuracy_delta_points_bf16_floor": round(100 * (floor_row.accuracy - base.accuracy), 3),
+            "kl_bf16_floor": round(floor_row.kl, 6),
             "curve": [
                 {"setting": r.name, "distinct": round(r.distinct, 3),
                  "expert_reduction": round(1 - r.distinct / base.distinct, 4),
                  "ppl": round(r.ppl, 4), "ppl_rel_increase": round(r.ppl / base.ppl - 1, 5),
-                 "agreement": round(r.agree / r.count, 5)}
+                 "accuracy_delta_points": round(100 * (r.accuracy - base.accuracy), 3),
+                 "kl": round(r.kl, 6), "agreement": round(r.agree / r.count, 5)}
                 for r in rows
             ],
         }
@@ -246,6 +286,7 @@ def main(argv=None) -> dict:
                 "source": f"{model_dir.name} held-out decode, teacher-forced",
             }, path.with_name(path.stem + f"_b{B}" + path.suffix))
     out = dict(summary[args.batch[0]])
+    out["model"], out["text"] = model_dir.name, args.text
     out["by_batch"] = {str(b): {k: v for k, v in s.items() if k != "curve"} for b, s in summary.items()}
     out["seconds"] = round(time.time() - t0, 1)
     if args.json_out:

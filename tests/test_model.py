@@ -1,5 +1,5 @@
-"""The shipped model: loads offline in transformers, our forward equals transformers', and it
-has learned the held-out text far beyond a unigram model."""
+"""The shipped models (64 and 128 experts, top-8): each loads offline in transformers, our
+forward equals transformers', and each has learned the held-out text far beyond a unigram."""
 
 import json
 import math
@@ -8,42 +8,51 @@ import os
 import pytest
 import torch
 
-from lynx_sglang import SHIPPED_MODEL
+from lynx_sglang import SHIPPED_MODEL_E128, SHIPPED_MODELS
 from lynx_sglang.model.qwen3_moe import MoEModel, route, unigram_cross_entropy
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-pytestmark = pytest.mark.skipif(
-    not (SHIPPED_MODEL / "model.safetensors").exists(), reason="shipped model not trained yet"
-)
+BRIEF = {  # model -> (experts, top-k, size limit in bytes)
+    SHIPPED_MODELS[0]: (64, 8, 60 * 2**20),
+    SHIPPED_MODEL_E128: (128, 8, 80 * 10**6),
+}
+
+
+@pytest.fixture(scope="module", params=SHIPPED_MODELS, ids=lambda p: p.name)
+def model_dir(request):
+    if not (request.param / "model.safetensors").exists():
+        pytest.skip(f"{request.param.name} not trained yet")
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def heldout_ids():
+def heldout_ids(model_dir):
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(SHIPPED_MODEL / "tokenizer.json"))
-    return torch.tensor(tok.encode((SHIPPED_MODEL / "heldout.txt").read_text()).ids)
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    return torch.tensor(tok.encode((model_dir / "heldout.txt").read_text()).ids)
 
 
 @pytest.fixture(scope="module")
-def ours():
-    return MoEModel.from_pretrained(SHIPPED_MODEL)
+def ours(model_dir):
+    return MoEModel.from_pretrained(model_dir)
 
 
-def test_shipped_model_meets_the_brief():
-    cfg = json.loads((SHIPPED_MODEL / "config.json").read_text())
+def test_shipped_model_meets_the_brief(model_dir):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    experts, top_k, limit = BRIEF[model_dir]
     assert cfg["architectures"] == ["Qwen3MoeForCausalLM"]
-    assert cfg["num_experts"] >= 32 and cfg["num_experts_per_tok"] >= 4
-    size = sum(p.stat().st_size for p in SHIPPED_MODEL.iterdir())
-    assert size <= 60 * 2**20
+    assert (cfg["num_experts"], cfg["num_experts_per_tok"]) == (experts, top_k)
+    size = sum(p.stat().st_size for p in model_dir.iterdir())
+    assert size <= limit
 
 
-def test_transformers_loads_it_offline_and_logits_match_ours(ours, heldout_ids):
+def test_transformers_loads_it_offline_and_logits_match_ours(model_dir, ours, heldout_ids):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(SHIPPED_MODEL)
+    tok = AutoTokenizer.from_pretrained(model_dir)
     assert tok.decode(tok("def f(x):\n    return x\n").input_ids) == "def f(x):\n    return x\n"
-    hf = AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     x = heldout_ids[:256].view(2, 128)
     with torch.no_grad():
         a = hf(x).logits

@@ -28,6 +28,24 @@ def test_full_budget_is_exactly_the_base_model(setup):
     assert rows[0].nll_sum == base.nll_sum
     assert rows[0].agree == rows[0].count
     assert rows[0].distinct == base.distinct
+    assert rows[0].correct == base.correct and abs(rows[0].kl) < 1e-3  # bf16-stored base
+
+
+def test_accuracy_is_against_the_true_next_token_and_kl_against_the_base(setup):
+    """Top-1 accuracy counts argmax == the next token of the text; the KL of a setting from the
+    unmodified model grows when selection removes more experts; the bf16 floor row is there."""
+    model, batches = setup
+    base, rows, _, _ = quality.evaluate(
+        model, batches, 16, [SelectionParams(budget=0.8), SelectionParams(budget=0.3)], floor=True
+    )
+    x = batches[0]
+    with torch.no_grad():
+        logits = model(x).logits[:, 16:-1]
+    truth = int((logits.argmax(-1) == x[:, 17:]).sum())
+    assert 0 < base.correct and (len(batches) > 1 or base.correct == truth)
+    assert 0.0 < base.accuracy < 1.0
+    floor, mild, strong = rows
+    assert floor.name.startswith("base in bf16") and floor.kl < mild.kl < strong.kl
 
 
 def test_smaller_budget_touches_fewer_experts_at_some_quality_cost(setup):
@@ -57,7 +75,21 @@ def test_hook_groups_decode_positions_and_leaves_prefill_alone(setup):
 def test_main_quick_prints_json_with_the_required_keys(capsys):
     out = quality.main(["--quick", "--max-batches", "1", "--budgets", "0.6"])
     for key in ("batch", "distinct_experts_base", "distinct_experts_lynx", "expert_reduction",
-                "ppl_base", "ppl_lynx", "ppl_rel_increase", "agreement"):
+                "ppl_base", "ppl_lynx", "ppl_rel_increase", "agreement", "accuracy_delta_points",
+                "kl", "accuracy_delta_points_bf16_floor", "kl_bf16_floor"):
         assert key in out
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("{") and '"expert_reduction"' in last
+
+
+def test_out_of_domain_prose_is_shipped_and_not_in_the_training_split():
+    """The prose is CPython's idlelib notes (*.txt); training reads only *.py files."""
+    from lynx_sglang.model.corpus import split_corpus
+
+    prose = quality.PROSE.read_text()
+    assert len(prose) > 50_000
+    train, held = split_corpus()
+    windows = [prose[i : i + 200] for i in range(0, len(prose) - 200, len(prose) // 25)]
+    assert not any(w in train or w in held for w in windows)
+    ids = quality.load_heldout_ids(SHIPPED_MODEL, "prose")
+    assert ids.numel() > 10_000

@@ -120,7 +120,7 @@ def test_resolved_config_is_checked_in_sglangs_own_startup(tmp_path):
     config.save_pretrained(tmp_path)
     done = run_launcher(
         "--model-path", str(tmp_path), "--device", "cpu", "--lynx-mode", "offload",
-        "--lynx-slots", "2",
+        "--lynx-slots", "2", "--lynx-executor", "eager",
     )  # fmt: skip
     assert done.returncode == 2, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if "error:" in line]

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from lynx_sglang import SHIPPED_MODEL
+from lynx_sglang import SHIPPED_MODEL, SHIPPED_MODELS
 from lynx_sglang.config import LynxConfig
 from lynx_sglang.moe import fused_moe_ref
 from lynx_sglang.selection import distinct_experts, select_experts_ref
@@ -50,11 +50,14 @@ def sglang_layers():
     return FusedMoE, TopK
 
 
-@pytest.fixture(scope="module")
-def weights():
-    """One MoE layer: router [E, H] and per-expert w1/w3 [E, I, H], w2 [E, H, I] (float32)."""
-    if (SHIPPED_MODEL / "model.safetensors").exists():
-        return checkpoint_layer(SHIPPED_MODEL, LAYER)
+@pytest.fixture(scope="module", params=SHIPPED_MODELS, ids=lambda p: p.name)
+def weights(request):
+    """One MoE layer of each shipped model: router [E, H] and per-expert w1/w3 [E, I, H],
+    w2 [E, H, I] (float32)."""
+    if (request.param / "model.safetensors").exists():
+        return checkpoint_layer(request.param, LAYER)
+    if request.param != SHIPPED_MODEL:
+        pytest.skip(f"{request.param.name} not trained yet")
     # the shipped model's shapes: 64 experts top-8, hidden 192, expert width 128
     E, H, inter = 64, 192, 128
     g = torch.Generator().manual_seed(0)

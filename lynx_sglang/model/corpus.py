@@ -2,6 +2,11 @@
 
 A fixed, path-hashed split keeps ~2% of files held out. The held-out text is shipped beside the
 model (``heldout.txt``) so evaluation does not depend on the evaluating machine's Python.
+
+Out-of-domain text: English prose no model saw in training, the IDLE editor's plain-text notes
+that CPython ships in ``idlelib/`` (``*.txt``: news, history, read-me; PSF licence). Training
+reads only ``*.py`` files, so none of it is in the training split; ``build_prose`` joins them
+and the result is shipped as ``lynx_sglang/data/prose_ood.txt``.
 """
 
 from __future__ import annotations
@@ -41,3 +46,13 @@ def split_corpus(root: str | Path | None = None) -> tuple[str, str]:
             continue
         (held if is_heldout(str(p.relative_to(root))) else train).append(text)
     return "\n\n".join(train), "\n\n".join(held)
+
+
+PROSE_FILES = ("NEWS.txt", "NEWS2x.txt", "HISTORY.txt", "README.txt", "TODO.txt", "extend.txt",
+               "CREDITS.txt")  # fmt: skip
+
+
+def build_prose(root: str | Path | None = None) -> str:
+    """CPython's ``idlelib/*.txt`` notes (English prose, never read by training), joined."""
+    root = Path(root or sysconfig.get_paths()["stdlib"]) / "idlelib"
+    return "\n\n".join((root / name).read_text(encoding="utf-8") for name in PROSE_FILES)

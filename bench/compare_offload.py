@@ -74,11 +74,11 @@ VARIANTS = {
     "lynx+offload +aware": (True, False, True),
     "lynx+offload +prefetch": (False, True, True),
     "lynx+offload +aware +prefetch": (True, True, True),
-    "lynx+offload (no bound)": (False, False, False),
-    "lynx+offload +aware (no bound)": (True, False, False),
+    "lynx+offload (no cap)": (False, False, False),
+    "lynx+offload +aware (no cap)": (True, False, False),
 }
-BUDGET_VARIANTS = ("lynx+offload", "lynx+offload +aware", "lynx+offload (no bound)",
-                   "lynx+offload +aware (no bound)")  # fmt: skip
+BUDGET_VARIANTS = ("lynx+offload", "lynx+offload +aware", "lynx+offload (no cap)",
+                   "lynx+offload +aware (no cap)")  # fmt: skip
 QUICK = dict(prefill=24, decode=16, warmup=4, max_batches=1, k_fractions="0.25,0.5",
              evictions="lfu,score", prefetches="cross-layer", budgets="")  # fmt: skip
 DISTINCT, HITS, MISSES, PREFETCHED, WAVES = range(5)  # Run.counts columns

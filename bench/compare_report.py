@@ -11,16 +11,16 @@ PATHS = {"CUDA graph": "G", "bound": "-"}  # any other path: "E" (eager)
 
 def print_rows(rows: list[dict]) -> None:
     """One line per row, at most 100 characters; every field is in the JSON."""
-    cols = (f"{'system':<30}{'B':>4}{'K':>4} {'evict':<7}{'dist':>6}{'hit%':>6}{'MB/tok':>8}"
+    cols = (f"{'system':<29}{'B':>4}{'K':>4} {'evict':<7}{'dist':>6}{'hit%':>6}{'MB/tok':>8}"
             f"{'host µs':>8} {'p'}{'ms/step':>9}{'tok/s':>8}{'Δppl':>8}")  # fmt: skip
     print(cols)
     print("-" * len(cols))
     for r in rows:
-        name = r["system"][:30]
+        name = r["system"][:29]
         if r["status"] != "ok":
-            print(f"{name:<30}{r['batch']:>4}{r['slots']:>4}  {r['status'][:58]}")
+            print(f"{name:<29}{r['batch']:>4}{r['slots']:>4}  {r['status'][:58]}")
             continue
-        print(f"{name:<30}{r['batch']:>4}{r['slots']:>4} {r['eviction'][:7]:<7}"
+        print(f"{name:<29}{r['batch']:>4}{r['slots']:>4} {r['eviction'][:7]:<7}"
               f"{r['distinct_per_layer_step']:>6.1f}{100 * r['hit_rate']:>6.1f}"
               f"{r['h2d_bytes_per_token'] / 1e6:>8.1f}{r['host_us_per_layer_step']:>8.0f} "
               f"{PATHS.get(r['server_path'], 'E')}{r['decode_ms_per_step']:>9.2f}"

@@ -126,7 +126,7 @@ def test_each_row_takes_the_servers_path_and_pays_its_host_time(result):
         if r["status"] != "ok":
             continue
         if r["system"].startswith(("offload (ours)", "lynx+offload")):
-            cap = 16 if r["selection"] and "no bound" not in r["system"] else 2
+            cap = 16 if r["selection"] and "no cap" not in r["system"] else 2
             if r["batch"] <= cap:
                 assert r["server_path"] == "CUDA graph" and r["host_us_per_layer_step"] == 0
             else:

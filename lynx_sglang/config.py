@@ -12,13 +12,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 MODES = ("off", "lynx", "offload", "lynx+offload")
-SELECTION_POLICIES = ("lynx", "oea")
+# How a decode batch's unkept choices are handled (the kept set is Lynx's batch-wide scores for
+# all but "oea", which keeps only each token's protected top choices):
+#   lynx     moved to the token's best kept expert, weights renormalised by router probability
+#   drop     dropped (weight 0), the token's kept choices renormalised to its original sum
+#   similar  moved to the kept expert most similar to the one lost (expert weights, at load),
+#            keeping the original weight; experts with no similar peer are never moved
+#   oea      as lynx, with the kept set only the tokens' top-k0 (protect_top) choices
+SELECTION_POLICIES = ("lynx", "drop", "similar", "oea")
 EVICTIONS = ("lru", "lfu", "score")
 PREFETCHES = ("off", "temporal", "cross-layer", "both")
 EXECUTORS = ("hybrid", "eager", "graph")
@@ -57,6 +65,14 @@ class SelectionParams:
     min_batch: int = 2
     # Cache-aware selection: resident experts' scores are multiplied by (1 + cache_bonus).
     cache_bonus: float = 0.0
+    # Miss-aware selection (offload): every needed expert already resident is kept, and the
+    # budget applies only to the ones the step would copy: n = resident + ceil(budget * missing).
+    miss_aware: bool = False
+    # Per-layer budgets overriding `budget`, as "layer:budget" pairs, e.g. "0:1.0,1:0.8".
+    layer_budgets: str = ""
+    # "similar": an expert whose highest similarity to any other expert is below this is never
+    # moved (it has no stand-in); similarity is the cosine of expert outputs on fixed probes.
+    similar_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         _choice("policy", self.policy, SELECTION_POLICIES)
@@ -72,6 +88,20 @@ class SelectionParams:
         _at_least("min_batch", self.min_batch, 1)
         if self.cache_bonus < 0.0:
             raise ConfigError(f"--lynx-cache-bonus must be >= 0, got {self.cache_bonus}")
+        if not -1.0 <= self.similar_threshold <= 1.0:
+            raise ConfigError(
+                f"--lynx-similar-threshold must be in [-1, 1], got {self.similar_threshold}"
+            )
+        parse_layer_budgets(self.layer_budgets)  # raises on a malformed --lynx-layer-budgets
+
+    @property
+    def layer_budget_map(self) -> dict[int, float]:
+        """--lynx-layer-budgets as {MoE layer index: budget}."""
+        return parse_layer_budgets(self.layer_budgets)
+
+    def at_layer(self, layer: int) -> SelectionParams:
+        """The parameters one MoE layer runs with (its own budget where one is given)."""
+        return _at_layer(self, layer) if self.layer_budgets else self
 
     @property
     def budget_ppm(self) -> int:
@@ -83,17 +113,45 @@ class SelectionParams:
         ``rows`` real tokens (None: the selection does not bound it). The kept set is the
         protected experts plus the best others up to n = min(max(ceil(budget * D), k), cap);
         protected choices are kept past the cap, so the bound is max(cap, k, protected); OEA's
-        n is k. Batches below ``min_batch`` keep their routing: up to rows * k experts."""
+        n is k. Batches below ``min_batch`` keep their routing: up to rows * k experts.
+        "similar" with a threshold above -1 also keeps every chosen expert without a peer."""
         if rows < self.min_batch:
             return rows * top_k
         if self.protect_p > 0.0:
             return None  # protect_p can protect any number of a token's choices
+        if self.policy == "similar" and self.similar_threshold > -1.0:
+            return None  # any number of chosen experts may lack a similar peer
         protected = rows * min(self.protect_top, top_k)
         if self.policy == "oea":
             return max(top_k, protected)
         if self.max_experts <= 0:
             return None
         return max(self.max_experts, top_k, protected)
+
+
+def parse_layer_budgets(text: str) -> dict[int, float]:
+    """``"0:1.0,3:0.8"`` -> {0: 1.0, 3: 0.8}; a one-line ConfigError naming the flag otherwise."""
+    out: dict[int, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        layer, sep, value = part.partition(":")
+        try:
+            out[int(layer)] = float(value)
+        except ValueError:
+            raise ConfigError(
+                f"--lynx-layer-budgets takes layer:budget pairs like 0:1.0,3:0.8; got {part!r}"
+            ) from None
+        if not sep or int(layer) < 0 or not 0.0 < out[int(layer)] <= 1.0:
+            raise ConfigError(
+                f"--lynx-layer-budgets takes layer:budget pairs, layer >= 0 and budget in "
+                f"(0, 1]; got {part!r}"
+            )
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _at_layer(params: SelectionParams, layer: int) -> SelectionParams:
+    budget = params.layer_budget_map.get(layer, params.budget)
+    return dataclasses.replace(params, budget=budget, layer_budgets="")
 
 
 @dataclass(frozen=True)
@@ -292,7 +350,8 @@ def _default_of(name: str) -> Any:
 
 _HELP = {
     "mode": "what runs on decode batches: off, lynx (selection), offload (expert cache), lynx+offload",
-    "policy": "selection policy: lynx (confidence-binned batch scores) or oea (keep each token's top-k0)",
+    "policy": "what happens to unkept choices: lynx (to the token's best kept expert), drop "
+    "(weight 0), similar (to the most similar kept expert), oea (lynx, keeping only top-k0)",
     "budget": "fraction of a decode batch's distinct experts to keep, in (0, 1]",
     "max_experts": "absolute cap on kept experts per layer and step (0: none)",
     "protect_top": "each token's top-N router choices are never remapped",
@@ -301,6 +360,9 @@ _HELP = {
     "low_conf_weight": "score weight of the least-confident bin (most confident weighs 1)",
     "min_batch": "apply selection only to decode batches with at least this many tokens",
     "cache_bonus": "cache-aware selection: resident experts' scores x (1 + bonus)",
+    "miss_aware": "offload: keep every needed resident expert, apply the budget to missing ones",
+    "layer_budgets": "per-layer budgets as layer:budget pairs, e.g. 0:1.0 (others: --lynx-budget)",
+    "similar_threshold": "similar policy: never move an expert whose best peer similarity is below this",
     "slots": "GPU expert slots per MoE layer for the expert cache (0: all experts)",
     "slot_pool": "slots per layer, or one pool shared by all layers",
     "eviction": "expert cache eviction policy",

@@ -12,14 +12,14 @@ K slots per layer, H hidden.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 
 from lynx_sglang.config import SelectionParams
 from lynx_sglang.selection.policy import distinct_experts, select_experts
-from lynx_sglang.selection.types import NumValid
+from lynx_sglang.selection.types import ExpertSimilarity, NumValid
 
 if TYPE_CHECKING:
     from lynx_sglang.offload.cache import ExpertCache
@@ -61,17 +61,22 @@ def moe_layer_step(
     selection: Optional[SelectionParams] = None,
     cache: Optional[ExpertCache] = None,
     stats: Optional[SelectionStats] = None,
+    similarity: Optional[Sequence[ExpertSimilarity]] = None,
 ) -> torch.Tensor:
     """The MoE output [T, H] of one layer's step. x: [T, H]; topk_ids, topk_weights: [T, k]
-    from the router's top-k; router_logits: [T, E]. ``layer`` is the dense MoE-layer index."""
+    from the router's top-k; router_logits: [T, E]. ``layer`` is the dense MoE-layer index;
+    ``similarity``, per MoE layer, is what the "similar" policy reads."""
     ids, weights, scores = topk_ids, topk_weights, None
     # 1. which rows are real: a decode batch's graph padding needs no expert and casts no vote
     num_valid = step.num_valid if step.decode else None
     # 2. selection, on decode batches only: shrink the batch's active expert set
     if selection is not None and selects(step, ids.shape[0], selection.min_batch):
-        aware = cache is not None and selection.cache_bonus > 0
+        selection = selection.at_layer(layer)  # the layer's own budget, where one is set
+        # cache- and miss-aware selection read what is resident now (device-side when captured)
+        aware = cache is not None and (selection.cache_bonus > 0 or selection.miss_aware)
         resident = cache.resident_mask(layer, step.captured) if aware else None
-        sel = select_experts(router_logits, ids, weights, selection, num_valid, resident)
+        sim = similarity[layer] if similarity is not None else None
+        sel = select_experts(router_logits, ids, weights, selection, num_valid, resident, sim)
         ids, weights, scores = sel.topk_ids, sel.topk_weights, sel.scores
         if isinstance(num_valid, torch.Tensor) and selection.min_batch > 1:
             # under a graph the real row count lives on the device: small batches keep theirs
@@ -89,7 +94,10 @@ def moe_layer_step(
     votes = None
     if cache.predicts(layer):  # cross-layer prefetch: the next layer's router on this input
         keep = selection if selection is not None and cache.prefetch_select else None
-        votes = predict_votes(x, cache.router(layer + 1), ids.shape[1], keep, step)
+        if keep is not None:
+            keep = keep.at_layer(layer + 1)
+        sim = similarity[layer + 1] if similarity is not None else None
+        votes = predict_votes(x, cache.router(layer + 1), ids.shape[1], keep, step, sim)
     plan = cache.prepare(layer, ids, scores, votes, step.captured)
     # 5. the fused kernel once per wave (one unless the step needs more experts than slots)
     experts = cache.slot_weights(layer)
@@ -124,16 +132,18 @@ def predict_votes(
     top_k: int,
     selection: Optional[SelectionParams],
     step: Step,
+    similarity: Optional[ExpertSimilarity] = None,
 ) -> torch.Tensor:
     """Tokens voting for each expert of the next layer: its router [E, H] applied to this
-    layer's input x [T, H], top-k per token, through the same selection when given (prefetch
-    then copies the kept set). [E] float32 on x's device; padding rows do not vote."""
+    layer's input x [T, H], top-k per token, through the next layer's selection when given
+    (prefetch then copies the kept set; miss-aware selection is not applied to the
+    prediction). [E] float32 on x's device; padding rows do not vote."""
     logits = x.to(router_next.dtype) @ router_next.t()  # [T, E]
     ids = logits.topk(top_k, dim=-1).indices  # [T, k]
     num_valid = step.num_valid if step.decode else None
     if selection is not None and selects(step, ids.shape[0], selection.min_batch):
         ones = torch.ones_like(ids, dtype=torch.float32)  # prefetch needs only the ids
-        ids = select_experts(logits, ids, ones, selection, num_valid).topk_ids
+        ids = select_experts(logits, ids, ones, selection, num_valid, None, similarity).topk_ids
     E = router_next.shape[0]
     pad = padding_rows(ids.shape[0], num_valid, ids.device)
     flat = (ids if pad is None else ids.masked_fill(pad, E)).reshape(-1).long()

@@ -145,3 +145,23 @@ def test_offload_runs_decode_graphs_with_the_hybrid_executor_only():
         assert "--disable-cuda-graph" in " ".join(problems(eager, graphs))
         shared = LynxConfig(mode=mode, slots=16, slot_pool="shared")
         assert "--lynx-slot-pool layer" in " ".join(problems(shared, graphs))
+
+
+def test_miss_aware_needs_the_cache_and_layer_budgets_name_real_layers():
+    with pytest.raises(UnsupportedConfig, match="--lynx-miss-aware keeps the experts"):
+        check(LynxConfig(mode="lynx", miss_aware=True), GOOD)
+    check(LynxConfig(mode="lynx+offload", slots=16, miss_aware=True), GOOD)
+    with pytest.raises(UnsupportedConfig, match="names MoE layer 4, but the model has 4"):
+        check(LynxConfig(mode="lynx", layer_budgets="0:1.0,4:0.5"), facts(moe_layers=4))
+    check(LynxConfig(mode="lynx", layer_budgets="0:1.0,3:0.5"), facts(moe_layers=4))
+
+
+def test_hf_config_facts_count_the_moe_layers():
+    from types import SimpleNamespace
+
+    hf = SimpleNamespace(num_hidden_layers=6, mlp_only_layers=[0], decoder_sparse_step=1,
+                         architectures=["Qwen3MoeForCausalLM"], num_experts=64,
+                         num_experts_per_tok=8, torch_dtype="bfloat16")  # fmt: skip
+    from lynx_sglang.sglang.checks import with_hf_config
+
+    assert with_hf_config(ServingFacts(), hf).moe_layers == 5

@@ -304,6 +304,61 @@ def test_lynx_plus_offload(sglang_layers, weights):
     )
 
 
+@pytest.mark.parametrize("policy", ["drop", "similar"])
+def test_other_policies_equal_the_reference(sglang_layers, weights, policy):
+    """drop and similar inside SGLang's layer: the fused kernel gets the reference's routing;
+    similar reads the expert similarity the runtime computed from the weights as loaded."""
+    from lynx_sglang.selection.similarity import expert_similarity
+
+    runtime = runtime_for(weights, mode="lynx", budget=0.5, policy=policy)
+    moe, topk = build(sglang_layers, weights, runtime)
+    sim = None
+    if policy == "similar":
+        w13 = torch.cat([weights["w1"], weights["w3"]], dim=1)
+        sim = expert_similarity(w13, weights["w2"], runtime.cfg.similar_threshold)
+        torch.testing.assert_close(runtime.similarity[0].matrix, sim.matrix)
+        assert torch.equal(runtime.similarity[0].critical, sim.critical)
+    else:
+        assert runtime.similarity is None
+    x, logits = inputs(weights, 4)
+    stock_out = topk.forward_native(x, logits)
+    with activated(runtime), runtime.scope(runtime.decode_step(TOKENS)), kernel_calls(moe) as k:
+        out = moe(x, topk.forward_native(x, logits))
+    (selected,) = k
+    ref = select_experts_ref(logits, stock_out.topk_ids, stock_out.topk_weights,
+                             runtime.cfg.selection, TOKENS, None, sim)  # fmt: skip
+    assert torch.equal(selected.topk_ids, ref.topk_ids)
+    torch.testing.assert_close(selected.topk_weights, ref.topk_weights, atol=0, rtol=0)
+    if policy == "drop":
+        assert (ref.topk_weights == 0).any()
+    torch.testing.assert_close(
+        out, reference(weights, x, ref.topk_ids, ref.topk_weights), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_miss_aware_reads_the_cache_step_by_step(sglang_layers, weights):
+    """lynx+offload with miss-aware selection: each decode step keeps every needed resident
+    expert (the cache as the previous step left it), the budget applied to the missing ones,
+    and the output is exact for that routing."""
+    runtime = runtime_for(weights, mode="lynx+offload", budget=0.3, slots=32, miss_aware=True)
+    moe, topk = build(sglang_layers, weights, runtime)
+    params = runtime.cfg.selection
+    for seed in range(4):
+        x, logits = inputs(weights, 10 + seed)
+        stock_out = topk.forward_native(x, logits)
+        resident = runtime.cache.resident_mask(0).clone()
+        with activated(runtime), runtime.scope(runtime.decode_step(TOKENS)):
+            out = moe(x, topk.forward_native(x, logits))
+        ref = select_experts_ref(logits, stock_out.topk_ids, stock_out.topk_weights, params,
+                                 TOKENS, resident)  # fmt: skip
+        chosen = torch.zeros_like(resident).scatter(0, stock_out.topk_ids.flatten().long(), True)
+        assert ref.keep[chosen & resident].all()
+        torch.testing.assert_close(
+            out, reference(weights, x, ref.topk_ids, ref.topk_weights), atol=2e-5, rtol=1e-4
+        )
+    assert resident.any()  # later steps did see residents
+
+
 def test_forward_modes_map_to_steps(weights):
     """Only pure decode forwards are decode steps (real rows: one per request); a captured decode
     graph reads its row count from the device buffer that each decode forward writes."""

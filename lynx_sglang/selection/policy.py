@@ -13,7 +13,12 @@ from typing import Optional
 import torch
 
 from lynx_sglang.config import BUDGET_SCALE, SelectionParams
-from lynx_sglang.selection.types import MAX_KERNEL_EXPERTS, NumValid, SelectionResult
+from lynx_sglang.selection.types import (
+    MAX_KERNEL_EXPERTS,
+    ExpertSimilarity,
+    NumValid,
+    SelectionResult,
+)
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -45,11 +50,24 @@ def bin_weights(conf: torch.Tensor, conf_bins: int, low_conf_weight: float) -> t
     return low_conf_weight - (b * (low_conf_weight - 1.0)) / b.new_full((), conf_bins - 1)
 
 
-def target_size(distinct: torch.Tensor, k: int, params: SelectionParams) -> torch.Tensor:
-    """Kept-set target n per group from the distinct chosen count D: [...] int64."""
+def target_size(
+    distinct: torch.Tensor,
+    k: int,
+    params: SelectionParams,
+    resident: Optional[torch.Tensor] = None,
+    protected_missing: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Kept-set target n per group: [...] int64. distinct: D, the chosen count. Miss-aware
+    selection passes resident, R, the chosen experts already resident (they cost no copy), and
+    protected_missing, Pm, the protected ones that are not: the budget applies to the D - R
+    missing ones, and protected ones are kept anyway: n = R + max(ceil(budget * (D - R)), Pm)."""
     if params.policy == "oea":
         return torch.full_like(distinct, k)
-    n = (distinct * params.budget_ppm + BUDGET_SCALE - 1) // BUDGET_SCALE  # ceil(budget * D)
+    if resident is None:
+        n = (distinct * params.budget_ppm + BUDGET_SCALE - 1) // BUDGET_SCALE  # ceil(budget * D)
+    else:
+        missing = ((distinct - resident) * params.budget_ppm + BUDGET_SCALE - 1) // BUDGET_SCALE
+        n = resident + torch.maximum(missing, protected_missing)
     n = torch.clamp(n, min=k)
     if params.max_experts > 0:
         n = torch.clamp(n, max=max(params.max_experts, k))
@@ -98,12 +116,15 @@ def select_experts_ref(
     params: SelectionParams,
     num_valid: NumValid = None,
     resident: Optional[torch.Tensor] = None,
+    similarity: Optional[ExpertSimilarity] = None,
 ) -> SelectionResult:
     """Shrink a decode batch's set of active experts (the spec; vectorised over groups).
 
     Shapes: router_logits [..., T, E] (any float dtype), topk_ids [..., T, k] (int32/int64),
     topk_weights [..., T, k]; leading dims are independent groups. Rows t >= num_valid are
-    CUDA-graph padding. resident: [E] (or [..., E]) bool, experts now on the GPU.
+    CUDA-graph padding. resident: [E] (or [..., E]) bool, experts now on the GPU (read by the
+    cache bonus and by miss-aware selection). similarity: the layer's ExpertSimilarity,
+    required by the "similar" policy.
 
     1. p = softmax(logits.float()). Valid rows: t < num_valid.
     2. Confidence c_t = max_e p[t, e]; bin b_t = min(floor(c_t * bins), bins - 1); token
@@ -115,16 +136,30 @@ def select_experts_ref(
     4. Score s_e = sum over valid t choosing e of w_t * p[t, e] (float32 products summed in
        float64, so the order of the sum does not matter; returned as float32); resident
        experts' scores x (1 + cache_bonus). Chosen: picked by a valid token; D = #chosen.
-       P: experts with a protected choice. (A row's ids are distinct, as top-k makes them.)
-    5. n = max(ceil(budget * D), k) (budget in millionths), capped at max(max_experts, k) when
-       max_experts > 0; OEA: n = k. Keep = P + the best (n - |P|)+ chosen experts outside P by
-       score (ties: lower index). With no valid rows nothing is kept.
-    6. Every row (padding too: it has no protected choices) keeps a choice if it is protected
-       or kept; each other slot, in position order, takes the token's highest-logit kept expert
-       not already in the row (ties: lower index). A row lacking enough such experts (only
-       possible when fewer than k are kept) stays unchanged. k ids per row, all distinct.
-    7. Unchanged rows keep their weights bit for bit. A changed row with original weight sum S
-       gets w'_j = p[t, id'_j] * S / sum_j p[t, id'_j] (S / k if that sum is 0).
+       P: experts with a protected choice; "similar" adds the chosen critical experts.
+       (A row's ids are distinct, as top-k makes them.)
+    5. n = max(ceil(budget * D), k) (budget in millionths); miss-aware: max(R + max(ceil(
+       budget * (D - R)), Pm), k), R the chosen resident experts, Pm the protected experts
+       not resident (so every chosen resident expert is kept); capped at max(max_experts, k) when
+       max_experts > 0; OEA: n = k. Keep = P + the best (n - |P|)+ chosen experts outside P,
+       ranked by score (miss-aware: resident ones first; ties: lower index). With no valid
+       rows nothing is kept.
+    6. Every row (padding too: it has no protected choices) keeps a choice if it is kept
+       (protected choices all are). The other, "moved", slots:
+       lynx, oea: each, in position order, takes the token's highest-logit kept expert not
+         already in the row (ties: lower index);
+       similar: each, in position order, takes the kept expert not already in the row (nor
+         taken by an earlier slot) with the highest similarity to the expert it loses (ties:
+         lower index);
+       drop: as lynx, at weight 0 (the ids only keep each row's k ids distinct, as fused
+         kernels expect; a weight-0 choice of a kept expert costs no expert).
+       A row with fewer available kept experts than moved slots stays unchanged. k distinct
+       ids per row.
+    7. Unchanged rows keep their weights bit for bit. A changed row with original weight sum S:
+       lynx, oea: w'_j = p[t, id'_j] * S / sum_j p[t, id'_j] (S / k if that sum is 0);
+       similar: each slot keeps its weight (the stand-in does the lost expert's share);
+       drop: moved slots 0, kept slots w_j * S / sum_kept w_j in float32; a row whose kept
+         choices weigh 0 in all (none kept: only when protect_top is 0) as lynx.
     """
     *lead_list, T, E = router_logits.shape
     lead = tuple(lead_list)
@@ -151,6 +186,8 @@ def select_experts_ref(
     p_k = p.gather(-1, ids)  # [..., T, k]
     prot = protected_choices(lg_k, p_k, params.protect_top, params.protect_p)
     prot = prot & valid[..., None]  # [..., T, k]
+    if params.policy == "similar" and similarity is None:
+        raise ValueError("the similar policy needs the layer's ExpertSimilarity")
 
     # 4. batch-wide scores over valid rows
     hits = _scatter_true(valid[..., None].expand(ids.shape), ids, E)  # [..., T, E]
@@ -161,40 +198,75 @@ def select_experts_ref(
         scores = torch.where(resident.to(dev), scores * bonus, scores)
     chosen = hits.any(-2)  # [..., E]
     in_p = _scatter_true(prot, ids, E).any(-2)  # [..., E]
+    if params.policy == "similar":
+        in_p = in_p | (chosen & similarity.critical.to(dev))
 
     # 5. the kept set
-    n = target_size(chosen.sum(-1), k, params)  # [...]
+    free = None  # miss-aware: the chosen experts already resident
+    if params.miss_aware and resident is not None:
+        free = chosen & resident.to(dev)
+    if free is None:
+        n = target_size(chosen.sum(-1), k, params)  # [...]
+    else:
+        n = target_size(chosen.sum(-1), k, params, free.sum(-1), (in_p & ~free).sum(-1))
     quota = torch.clamp(n - in_p.sum(-1), min=0)  # [...]
     cand = chosen & ~in_p  # [..., E]
     key = torch.where(cand, scores, float("-inf"))
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices  # [..., E]
+    if free is not None:  # resident candidates first, each part in score order
+        first = (cand & free).gather(-1, order)
+        order = order.gather(-1, torch.sort(first.byte(), dim=-1, descending=True, stable=True).indices)
     rank = torch.empty_like(order).scatter_(
         -1, order, torch.arange(E, device=dev).expand(order.shape)
     )
     keep = in_p | (cand & (rank < quota[..., None]))  # [..., E]
 
-    # 6. remap each row's unkept, unprotected choices
-    # (protected choices are kept experts, so "protected or kept" is just "kept")
+    # 6. move each row's unkept choices (protected choices are kept experts)
     stay = keep.gather(-1, ids.reshape(*lead, T * k)).reshape(ids.shape)  # [..., T, k]
-    in_row = _scatter_true(torch.ones_like(stay), ids, E)  # [..., T, E]
-    avail = keep[..., None, :] & ~in_row  # [..., T, E] kept experts the row lacks
     moved = ~stay  # [..., T, k]
     need = moved.sum(-1)  # [..., T]
+    in_row = _scatter_true(torch.ones_like(stay), ids, E)  # [..., T, E]
+    avail = keep[..., None, :] & ~in_row  # [..., T, E] kept experts the row lacks
     change = (need > 0) & (avail.sum(-1) >= need)  # [..., T]
-    finite = torch.clamp(logits, min=torch.finfo(torch.float32).min)  # keep -inf logits usable
-    pref = torch.where(avail, finite, float("-inf"))  # [..., T, E]
-    best = torch.sort(pref, dim=-1, descending=True, stable=True).indices  # [..., T, E]
-    slot = torch.clamp(moved.long().cumsum(-1) - 1, min=0)  # [..., T, k] q-th moved slot
-    repl = best.gather(-1, slot)  # [..., T, k]
-    new_ids = torch.where(moved & change[..., None], repl, ids)  # [..., T, k]
-
-    # 7. renormalise changed rows
     total = topk_weights.float().sum(-1, keepdim=True)  # [..., T, 1]
-    p_new = p.gather(-1, new_ids)  # [..., T, k]
-    p_sum = p_new.sum(-1, keepdim=True)
-    w_new = torch.where(p_sum > 0, p_new * total / p_sum, total / k)
+    if params.policy == "similar":
+        new_ids = _similar_moves(ids, moved & change[..., None], avail, similarity.matrix)
+        w_new = topk_weights.float()
+    else:
+        finite = torch.clamp(logits, min=torch.finfo(torch.float32).min)  # -inf logits usable
+        pref = torch.where(avail, finite, float("-inf"))  # [..., T, E]
+        best = torch.sort(pref, dim=-1, descending=True, stable=True).indices  # [..., T, E]
+        slot = torch.clamp(moved.long().cumsum(-1) - 1, min=0)  # [..., T, k] q-th moved slot
+        repl = best.gather(-1, slot)  # [..., T, k]
+        new_ids = torch.where(moved & change[..., None], repl, ids)  # [..., T, k]
+        # 7. renormalise changed rows by router probability over the new ids
+        p_new = p.gather(-1, new_ids)  # [..., T, k]
+        p_sum = p_new.sum(-1, keepdim=True)
+        w_new = torch.where(p_sum > 0, p_new * total / p_sum, total / k)
+        if params.policy == "drop":  # over the row's kept choices instead; moved slots weigh 0
+            w_kept = torch.where(stay, topk_weights.float(), 0.0)  # [..., T, k]
+            kept_sum = w_kept.sum(-1, keepdim=True)
+            w_drop = w_kept * total / torch.where(kept_sum > 0, kept_sum, 1.0)
+            w_new = torch.where(kept_sum > 0, w_drop, w_new)
     out_w = torch.where(change[..., None], w_new.to(topk_weights.dtype), topk_weights)
     return SelectionResult(new_ids.to(topk_ids.dtype), out_w, keep, scores)
+
+
+def _similar_moves(
+    ids: torch.Tensor, move: torch.Tensor, avail: torch.Tensor, sim: torch.Tensor
+) -> torch.Tensor:
+    """Step 6 of "similar": each moved slot j, in order, takes the available expert most similar
+    to ids[..., t, j] (ties: lower index), which is then no longer available in that row.
+    ids, move: [..., T, k]; avail: [..., T, E]; sim: [E, E] -> new ids [..., T, k]."""
+    sim = sim.to(device=ids.device, dtype=torch.float32)
+    out, avail = ids.clone(), avail.clone()
+    for j in range(ids.shape[-1]):
+        row_sim = sim[ids[..., j]]  # [..., T, E] similarity to the expert slot j loses
+        pick = torch.where(avail, row_sim, float("-inf")).argmax(-1)  # [..., T] first max
+        mv = move[..., j]
+        out[..., j] = torch.where(mv, pick, ids[..., j])
+        avail = avail & ~(mv[..., None] & (torch.arange(avail.shape[-1], device=ids.device) == pick[..., None]))
+    return out
 
 
 def _scatter_true(mask: torch.Tensor, ids: torch.Tensor, E: int) -> torch.Tensor:
@@ -216,6 +288,7 @@ def select_experts(
     params: SelectionParams,
     num_valid: NumValid = None,
     resident: Optional[torch.Tensor] = None,
+    similarity: Optional[ExpertSimilarity] = None,
     backend: str = "auto",
 ) -> SelectionResult:
     """Select with the Triton kernels where they run (CUDA, or TRITON_INTERPRET=1), else torch.
@@ -229,9 +302,11 @@ def select_experts(
         from lynx_sglang.kernels.selection import select_experts_triton
 
         return select_experts_triton(
-            router_logits, topk_ids, topk_weights, params, num_valid, resident
+            router_logits, topk_ids, topk_weights, params, num_valid, resident, similarity
         )
-    return select_experts_ref(router_logits, topk_ids, topk_weights, params, num_valid, resident)
+    return select_experts_ref(
+        router_logits, topk_ids, topk_weights, params, num_valid, resident, similarity
+    )
 
 
 def _kernels_run(router_logits: torch.Tensor, resident: Optional[torch.Tensor]) -> bool:

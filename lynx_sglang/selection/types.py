@@ -22,3 +22,11 @@ class SelectionResult(NamedTuple):
     topk_weights: torch.Tensor  # [..., T, k] same dtype as the input weights
     keep: torch.Tensor  # [..., E] bool, the kept set
     scores: torch.Tensor  # [..., E] float32 batch-wide scores (after the cache bonus)
+
+
+class ExpertSimilarity(NamedTuple):
+    """One layer's expert similarity, computed once at load (``selection.similarity``): the
+    "similar" policy moves a choice to the kept expert most similar to the one it loses."""
+
+    matrix: torch.Tensor  # [E, E] float32, cosine similarity of expert outputs (diagonal 1)
+    critical: torch.Tensor  # [E] bool, experts whose best peer is below the threshold: kept

@@ -60,6 +60,7 @@ class ServingFacts:
     dtype: Optional[str] = None
     top_k: Optional[int] = None
     num_experts: Optional[int] = None
+    moe_layers: Optional[int] = None  # MoE layers (the index space of --lynx-layer-budgets)
 
 
 def problems(cfg: LynxConfig, facts: ServingFacts) -> list[str]:
@@ -94,8 +95,26 @@ def problems(cfg: LynxConfig, facts: ServingFacts) -> list[str]:
         out.append("KTransformers expert offload (--kt-*) is not supported")
     if f.top_k is not None and f.top_k < 1:
         out.append(f"router top-k {f.top_k} is invalid")
+    if cfg.selection_on:
+        out.extend(_selection_problems(cfg, f))
     if cfg.offload_on:
         out.extend(_offload_problems(cfg, f))
+    return out
+
+
+def _selection_problems(cfg: LynxConfig, f: ServingFacts) -> list[str]:
+    out: list[str] = []
+    if cfg.miss_aware and not cfg.offload_on:
+        out.append(
+            "--lynx-miss-aware keeps the experts already resident, and without the expert cache "
+            "every expert is: use --lynx-mode lynx+offload (or --lynx-miss-aware 0)"
+        )
+    layers = cfg.selection.layer_budget_map
+    if f.moe_layers is not None and layers and max(layers) >= f.moe_layers:
+        out.append(
+            f"--lynx-layer-budgets names MoE layer {max(layers)}, but the model has "
+            f"{f.moe_layers} MoE layers (indices 0..{f.moe_layers - 1})"
+        )
     return out
 
 
@@ -203,6 +222,7 @@ def with_hf_config(facts: ServingFacts, hf_config: Any) -> ServingFacts:
         architecture=architectures[0],
         top_k=getattr(hf_config, "num_experts_per_tok", None),
         num_experts=num_experts_of(hf_config),
+        moe_layers=len(moe_layer_ids(hf_config)) if hasattr(hf_config, "num_hidden_layers") else None,
         quantization=facts.quantization or quant,
     )
 

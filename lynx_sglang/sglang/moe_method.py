@@ -150,7 +150,9 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """The base method's post-load step; a row permutation it applies to the slots is applied
-        to the host store too, so copied-in experts have the layout the kernel expects."""
+        to the host store too, so copied-in experts have the layout the kernel expects. The
+        "similar" policy's expert similarity is computed first, from the weights as loaded."""
+        self.runtime.note_expert_weights(self.index, *self._loaded_weights(layer))
         self.base_method.process_weights_after_loading(layer)
         if (
             self.cache is not None
@@ -163,6 +165,14 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
             for e in range(w13.shape[0]):
                 w13[e] = w13[e][order]
             self._host_interleaved = True
+
+    def _loaded_weights(self, layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's expert weights (w13 [E, 2I, H], w2 [E, H, I]): the host store's with
+        offload, else the layer's own."""
+        if self.cache is not None:
+            store = self.cache.store
+            return store.tensor(self.index, "w13"), store.tensor(self.index, "w2")
+        return layer.w13_weight, layer.w2_weight
 
     def __getattr__(self, name: str) -> Any:
         """Anything else SGLang asks of the method is the base method's."""
@@ -189,6 +199,7 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
             selection=rt.selection_for(rt.step),
             cache=self.cache,
             stats=rt.stats,
+            similarity=rt.similarity,
         )
         return StandardCombineInput(hidden_states=out)
 

@@ -14,6 +14,8 @@ from typing import Any, Optional
 import torch
 
 from lynx_sglang.config import LynxConfig
+from lynx_sglang.selection.similarity import expert_similarity
+from lynx_sglang.selection.types import ExpertSimilarity
 from lynx_sglang.sglang.checks import moe_layer_ids, num_experts_of
 from lynx_sglang.step import (
     NOT_DECODE,
@@ -87,6 +89,16 @@ class LynxRuntime:
         self.graph_rows = torch.zeros((), dtype=torch.int32, device=self.device)
         self.reporter: Any = None  # metrics.Reporter, ticked after every forward
         self.cache = _build_cache(cfg, model, self.device, num_layers) if cfg.offload_on else None
+        # The "similar" policy's expert similarity per MoE layer, filled as each layer loads.
+        self.similarity: Optional[list[Optional[ExpertSimilarity]]] = None
+        if self.selection is not None and self.selection.policy == "similar":
+            self.similarity = [None] * num_layers
+
+    def note_expert_weights(self, index: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """A MoE layer's expert weights are loaded: compute what the policy needs of them."""
+        if self.similarity is not None:
+            threshold = self.selection.similar_threshold
+            self.similarity[index] = expert_similarity(w13, w2, threshold, self.device)
 
     # ------------------------------------------------------------------ steps
     @contextlib.contextmanager

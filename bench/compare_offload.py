@@ -8,7 +8,8 @@ Systems, at each batch size B and each K (GPU slots per MoE layer, a fraction of
   offload: peers    SGLang --enable-paged-experts, HF accelerate CPU offload (GPU only)
   lynx              batch-aware selection, every expert resident
   lynx+offload      the product: selection in front of the cache, with and without cache-aware
-                    selection (+aware) and cross-layer prefetch (+prefetch), each at its best
+                    selection (+aware: a score bonus; +miss: miss-aware, the budget on the
+                    missing experts only) and cross-layer prefetch (+prefetch), each at its best
                     eviction; at the primary K also at the other --budgets ("b=0.9")
 The product at a batch size is its fastest row within bench/quality.py's goal.
 
@@ -66,19 +67,22 @@ MIN_BOUND = "bound: Belady MIN"
 MIN_LYNX = "bound: Belady MIN + lynx"
 ACCEL_PEER = "offload: accelerate cpu offload"
 PRODUCT = "lynx+offload"
-# name -> (cache-aware selection, prefetch, captured steps bound the kept set at K). Unbound:
+# name -> (what of the cache the selection reads: False, "bonus" (cache-aware: resident scores
+# x (1 + bonus)) or "miss" (miss-aware: resident experts kept, the budget on the missing ones),
+# prefetch, captured steps bound the kept set at K). Unbound:
 # the server captures graphs only up to K // top_k (--cuda-graph-max-bs-decode), where the bound
 # never binds; larger decode batches run host-planned with the selection as configured.
 VARIANTS = {
     "lynx+offload": (False, False, True),
-    "lynx+offload +aware": (True, False, True),
+    "lynx+offload +aware": ("bonus", False, True),
+    "lynx+offload +miss": ("miss", False, True),
     "lynx+offload +prefetch": (False, True, True),
-    "lynx+offload +aware +prefetch": (True, True, True),
+    "lynx+offload +aware +prefetch": ("bonus", True, True),
     "lynx+offload (no cap)": (False, False, False),
-    "lynx+offload +aware (no cap)": (True, False, False),
+    "lynx+offload +miss (no cap)": ("miss", False, False),
 }
-BUDGET_VARIANTS = ("lynx+offload", "lynx+offload +aware", "lynx+offload (no cap)",
-                   "lynx+offload +aware (no cap)")  # fmt: skip
+BUDGET_VARIANTS = ("lynx+offload", "lynx+offload +miss", "lynx+offload (no cap)",
+                   "lynx+offload +miss (no cap)")  # fmt: skip
 QUICK = dict(prefill=24, decode=16, warmup=4, max_batches=1, k_fractions="0.25,0.5",
              evictions="lfu,score", prefetches="cross-layer", budgets="")  # fmt: skip
 DISTINCT, HITS, MISSES, PREFETCHED, WAVES = range(5)  # Run.counts columns
@@ -685,11 +689,12 @@ class Bench:
     def product_rows(self, ctx: dict, f: float, lynx: dict, variants: dict) -> None:
         """lynx+offload variants at K: each at its best eviction (and prefetch mode)."""
         B, K, params = ctx["B"], self.slots_of[f], ctx["params"]
-        aware_params = replace(params, cache_bonus=self.args.cache_bonus)
+        reads = {False: params, "bonus": replace(params, cache_bonus=self.args.cache_bonus),
+                 "miss": replace(params, miss_aware=True)}  # fmt: skip
         for name, (aware, pf, bound) in variants.items():
             if pf and not self.prefetches:
                 continue
-            p = aware_params if aware else params
+            p, aware = reads[aware], bool(aware)
             modes = self.prefetches if pf else ["off"]
             sweep = [self.replay(ctx, Setup(name, K, True, aware, e, m, params.budget, bound), p)
                      for e in self.evictions for m in modes]  # fmt: skip

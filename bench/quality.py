@@ -1,6 +1,8 @@
-"""Quality cost of batch-aware expert selection on the shipped model, as batched decode.
+"""The quality frontier of batch-aware expert selection: fewer experts (resident) and fewer
+host->GPU bytes (offloaded) against Δ perplexity and Δ top-1 accuracy, one line per policy.
 
-    python -m bench.quality [--quick] [--batch 16] [--budgets 1,0.8,0.6,0.5,0.4]
+    python -m bench.quality [--quick] [--models lynx-moe-tiny lynx-moe-e128] [--batch 16 32]
+                            [--lines lynx drop similar lynx+l0 lynx+miss@2 ...] [--budgets ...]
 
 B held-out sequences advance together: the first `--prefill` positions are prefill (untouched),
 every later position is one decode step whose B tokens form the batch the policy sees
@@ -8,12 +10,21 @@ every later position is one decode step whose B tokens form the batch the policy
 policy applied per position group equals stepping the decode one token at a time, so this is
 exactly what a server computing this batch would produce, and fast.
 
-Reports per setting: distinct experts per layer per decode step (mean), held-out perplexity on
-decode positions (Δppl), top-1 accuracy against the true next token (Δ in points: the task-
-accuracy analogue for a language model), the mean KL divergence from the unmodified model's
-next-token distribution, and greedy agreement with the unmodified model (reported, not a goal:
-numerics alone move it). Each is shown beside its bf16 numerics floor (the unmodified model in
-bf16 against fp32). Last line: JSON.
+A frontier line is a policy (``lynx``, ``drop``, ``similar``, ``oea``) with options joined by
+"+": ``l0`` (MoE layer 0 keeps every expert: a per-layer budget), ``miss@N`` (miss-aware
+selection in front of an expert cache of K = E/N slots per layer, the selection reading the
+cache's resident mask step by step, as the server's step does), ``t=X`` (the "similar"
+policy's threshold). Each line runs at every budget.
+
+Per setting: distinct experts per layer per decode step (mean; reduction against the base),
+host->GPU bytes per decode token at K = E/4 and E/2 (the project's ExpertCache, LRU, per-layer
+slots, replaying the run's own decode routing; misses counted after `--warmup` steps; the
+reduction is against the same cache with selection off), held-out perplexity (Δppl), top-1
+accuracy against the true next token (Δ in points: the task-accuracy analogue for a language
+model), mean KL from the unmodified model, greedy agreement (reported, not gated). Each beside
+its bf16 numerics floor (the unmodified model in bf16 against fp32). The goal (issue 12): at
+Δppl <= +0.5 % and Δacc >= -0.5 pt, >= 40 % fewer distinct experts (resident) and >= 50 % fewer
+bytes at K = E/2 (offloaded). Writes ``<out-dir>/<name>.json`` and ``.png``; last line: JSON.
 """
 
 from __future__ import annotations
@@ -23,18 +34,23 @@ import copy
 import json
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from lynx_sglang import SHIPPED_MODEL
+from lynx_sglang import SHIPPED_MODEL, SHIPPED_MODELS
 from lynx_sglang.model.qwen3_moe import MoEModel
+from lynx_sglang.offload import ExpertCache, HostExpertStore
 from lynx_sglang.selection.policy import SelectionParams, distinct_experts, select_experts_ref
+from lynx_sglang.selection.similarity import expert_similarity
 
 DEFAULT = SelectionParams()  # the recommended setting (LynxConfig defaults)
-
+GOAL = {"ppl_rel_increase": 0.005, "accuracy_delta_points": -0.5, "expert_reduction": 0.40,
+        "bytes_reduction_e2": 0.50}  # fmt: skip
+FRACTIONS = (4, 2)  # cache sizes of the bytes frontier: K = E/4 and E/2
+RESULTS = Path(__file__).parent / "results"
 
 PROSE = SHIPPED_MODEL.parent / "prose_ood.txt"  # English prose no model trained on
 TEXTS = ("code", "prose")
@@ -58,30 +74,109 @@ def make_batches(ids: torch.Tensor, batch: int, seq: int, max_batches: int) -> l
     return out[:max_batches]
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One point of the frontier: a line (policy and options) at one budget."""
+
+    line: str
+    params: SelectionParams
+    fraction: Optional[int] = None  # miss-aware: the cache it reads has K = E / fraction slots
+
+    @property
+    def name(self) -> str:
+        return f"{self.line} b={self.params.budget:g}"
+
+
+def parse_line(line: str, budget: float, base: SelectionParams = DEFAULT) -> Setting:
+    """``policy[+l0][+miss@N]`` at ``budget`` -> Setting (one-line ValueError otherwise)."""
+    policy, *opts = line.split("+")
+    changes: dict = {"policy": policy, "budget": budget, "miss_aware": False, "layer_budgets": ""}
+    fraction = None
+    for opt in opts:
+        if opt == "l0":
+            changes["layer_budgets"] = "0:1.0"
+        elif opt.startswith("miss@") and opt[5:].isdigit() and int(opt[5:]) >= 1:
+            changes["miss_aware"], fraction = True, int(opt[5:])
+        elif opt.startswith("t=") and _is_float(opt[2:]):
+            changes["similar_threshold"] = float(opt[2:])
+        else:
+            raise ValueError(f"frontier line {line!r}: options are l0, miss@N, t=X; got {opt!r}")
+    return Setting(line, replace(base, **changes), fraction)
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def tiny_cache(num_layers: int, num_experts: int, slots: int, top_k: int) -> ExpertCache:
+    """The project's expert cache over tiny experts (hits, misses and copies are exact counts;
+    bytes are misses x one expert's size): eager executor, LRU, per-layer slots."""
+    store = HostExpertStore(num_layers, num_experts, {"w": (4,)}, torch.float32, None, 0)
+    return ExpertCache(store, slots, "cpu", top_k, "lru", executor="eager")
+
+
 class DecodePolicyHook:
-    """Applies the policy to each decode position's B tokens; records distinct-expert counts."""
+    """Applies the policy to each decode position's B tokens, layer by layer; records distinct
+    experts and, through expert caches, the misses the decode routing causes.
+
+    resident: [D, L, E] bool masks a cache replay recorded (cache-aware selection, as
+    ``bench/compare_offload.py`` passes them), or None. similarity: per layer, for "similar".
+    caches: {K: ExpertCache} replaying this run's selected decode routing (bytes); live: the
+    cache miss-aware selection reads, step by step (counted under its own K)."""
 
     def __init__(self, params: Optional[SelectionParams], prefill: int, num_experts: int,
-                 resident: Optional[torch.Tensor] = None):
-        # resident: [D, L, E] bool, the experts on the GPU at each decode step and layer (for
-        # cache-aware selection, as recorded by a cache replay); None: selection sees no cache.
+                 resident: Optional[torch.Tensor] = None, similarity=None,
+                 caches: Optional[dict] = None, live: Optional[ExpertCache] = None,
+                 warmup: int = 0):  # fmt: skip
         self.params, self.prefill, self.E, self.resident = params, prefill, num_experts, resident
+        self.similarity, self.live, self.warmup = similarity, live, warmup
+        self.caches = dict(caches or {})
         self.distinct: list[torch.Tensor] = []  # per layer: [D] distinct experts per decode step
         self.trace: list[torch.Tensor] = []  # per layer: [D, B, k] decode routing after the policy
+        self.misses = {K: 0 for K in self.caches}
+        if live is not None:
+            self.misses[live.num_slots] = 0
 
     def __call__(self, layer, logits, ids, weights):
         P = self.prefill
         # [B, S, .] -> decode part grouped by step: [D, B, .]
         dl, di, dw = (t[:, P:].transpose(0, 1) for t in (logits, ids, weights))
         if self.params is not None:
-            res_mask = None if self.resident is None else self.resident[:, layer]  # [D, E]
-            res = select_experts_ref(dl, di, dw, self.params, resident=res_mask)
-            di, dw = res.topk_ids, res.topk_weights
+            p = self.params.at_layer(layer)
+            sim = self.similarity[layer] if self.similarity is not None else None
+            if self.live is not None:  # each step sees the cache as the previous step left it
+                steps = []
+                for d in range(dl.shape[0]):
+                    res = self.live.resident_mask(layer)
+                    r = select_experts_ref(dl[d], di[d], dw[d], p, resident=res, similarity=sim)
+                    self._serve(self.live, layer, d, r.topk_ids)
+                    steps.append((r.topk_ids, r.topk_weights))
+                di, dw = torch.stack([s[0] for s in steps]), torch.stack([s[1] for s in steps])
+            else:
+                res_mask = None if self.resident is None else self.resident[:, layer]  # [D, E]
+                r = select_experts_ref(dl, di, dw, p, resident=res_mask, similarity=sim)
+                di, dw = r.topk_ids, r.topk_weights
             ids = torch.cat([ids[:, :P], di.transpose(0, 1)], dim=1)
             weights = torch.cat([weights[:, :P], dw.transpose(0, 1)], dim=1)
+        for cache in self.caches.values():
+            for d in range(di.shape[0]):
+                self._serve(cache, layer, d, di[d])
         self.distinct.append(distinct_experts(di, self.E).float())
         self.trace.append(di)
         return ids, weights
+
+    def _serve(self, cache: ExpertCache, layer: int, d: int, ids: torch.Tensor) -> None:
+        """One decode step of ``layer`` through the cache (every wave), counting its misses."""
+        for _ in cache.prepare(layer, ids):
+            pass
+        cache.end_step(layer)
+        misses = cache.counters(reset=True)["total"]["misses"]
+        if d >= self.warmup:
+            self.misses[cache.num_slots] += misses
 
 
 @dataclass
@@ -93,6 +188,9 @@ class Result:
     agree: int
     correct: int = 0  # top-1 predictions equal to the true next token
     kl_sum: float = 0.0  # sum over positions of KL(base || this setting), nats
+    misses: dict = field(default_factory=dict)  # {K: expert copies after warmup, all layers}
+    line: str = ""
+    budget: float = 1.0
 
     @property
     def ppl(self) -> float:
@@ -108,19 +206,29 @@ class Result:
 
 
 def run_setting(model, batches, prefill, params, base_argmax=None, keep_trace=False,
-                residents=None, base_logp=None, keep_logp=False):
+                residents=None, base_logp=None, keep_logp=False, similarity=None,
+                bytes_slots=(), live_slots=None, warmup=0):  # fmt: skip
     """Forward every batch with the policy; returns (Result, argmax per batch, traces).
 
     residents: per batch, [D, L, E] resident masks for cache-aware selection (or None).
     base_logp: per batch, the unmodified model's next-token log-probabilities (for the KL);
-    keep_logp: return this run's instead of its argmaxes (the base run, for the others)."""
-    E = model.config.num_experts
+    keep_logp: return this run's instead of its argmaxes (the base run, for the others).
+    bytes_slots: cache sizes K whose misses this run's decode routing is replayed through;
+    live_slots: the K of the cache miss-aware selection reads (a fresh cache per batch)."""
+    c = model.config
+    E, L, k = c.num_experts, c.num_hidden_layers, c.num_experts_per_tok
     nll, cnt, agree, dsum, dn, correct, kl = 0.0, 0, 0, 0.0, 0, 0, 0.0
+    misses = {K: 0 for K in (*bytes_slots, *([live_slots] if live_slots else []))}
     argmaxes, traces = [], []
     for b, x in enumerate(batches):
-        hook = DecodePolicyHook(params, prefill, E, None if residents is None else residents[b])
+        caches = {K: tiny_cache(L, E, K, k) for K in bytes_slots}
+        live = tiny_cache(L, E, live_slots, k) if live_slots else None
+        hook = DecodePolicyHook(params, prefill, E, None if residents is None else residents[b],
+                                similarity, caches, live, warmup)  # fmt: skip
         with torch.no_grad():
             logits = model(x, hook=hook).logits[:, prefill:-1]  # predicts x[:, prefill+1:]
+        for K, m in hook.misses.items():
+            misses[K] += m
         tgt = x[:, prefill + 1 :]
         nll += float(torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), reduction="sum"))
@@ -140,13 +248,18 @@ def run_setting(model, batches, prefill, params, base_argmax=None, keep_trace=Fa
         if keep_trace:
             traces.append(torch.stack(hook.trace, dim=1))  # [D, L, B, k]
     name = "base" if params is None else describe(params)
-    return Result(name, dsum / max(dn, 1), nll, cnt, agree, correct, kl), argmaxes, traces
+    r = Result(name, dsum / max(dn, 1), nll, cnt, agree, correct, kl, misses)
+    return r, argmaxes, traces
 
 
 def describe(p: SelectionParams) -> str:
     if p.policy == "oea":
         return f"oea k0={p.protect_top}"
-    s = f"lynx b={p.budget:g}"
+    s = f"{p.policy} b={p.budget:g}"
+    if p.layer_budgets:
+        s += f" layers={p.layer_budgets}"
+    if p.miss_aware:
+        s += " miss-aware"
     if p.max_experts:
         s += f" cap={p.max_experts}"
     if p.protect_top != 1:
@@ -167,132 +280,261 @@ def numerics_floor(model, batches, prefill, base_argmax, base_logp=None) -> Resu
     return r
 
 
-def evaluate(model, batches, prefill, settings: list[SelectionParams], keep_trace=False,
-             floor: bool = False):
+def model_similarity(model: MoEModel, threshold: float) -> list:
+    """Every MoE layer's expert similarity, from its weights (as the server computes it at load)."""
+    return [expert_similarity(*model.expert_weights(layer)[1:], threshold)
+            for layer in range(model.config.num_hidden_layers)]  # fmt: skip
+
+
+def evaluate(model, batches, prefill, settings: list, keep_trace=False, floor: bool = False,
+             fractions: tuple[int, ...] = (), warmup: int = 0, progress: bool = False):  # fmt: skip
     """Base plus each setting; returns (base Result, [Result], base traces, traces per setting).
 
-    With ``floor``, the first row is the bf16 numerics floor (see ``numerics_floor``).
+    settings: ``Setting``s or bare ``SelectionParams``. With ``floor``, the first row is the
+    bf16 numerics floor (see ``numerics_floor``). fractions: the bytes frontier's caches
+    (K = E / f), replayed for the base and every setting; a miss-aware setting reads its own.
     """
+    E = model.config.num_experts
+    slots = tuple(E // f for f in fractions)
     base, kept, base_tr = run_setting(model, batches, prefill, None, keep_trace=keep_trace,
-                                      keep_logp=True)
+                                      keep_logp=True, bytes_slots=slots, warmup=warmup)  # fmt: skip
     base_am, base_logp = [am for am, _ in kept], [lp for _, lp in kept]
     base.agree = base.count
-    rows, trs = [], []
+    rows, trs, sims = [], [], {}
     if floor:
         rows.append(numerics_floor(model, batches, prefill, base_am, base_logp))
         trs.append([])
-    for p in settings:
+    for st in settings:
+        st = st if isinstance(st, Setting) else Setting(describe(st), st)
+        p = st.params
+        sim = None
+        if p.policy == "similar":
+            if p.similar_threshold not in sims:
+                sims[p.similar_threshold] = model_similarity(model, p.similar_threshold)
+            sim = sims[p.similar_threshold]
+        live = E // st.fraction if st.fraction else None
+        t0 = time.time()
         r, _, tr = run_setting(model, batches, prefill, p, base_am, keep_trace=keep_trace,
-                               base_logp=base_logp)
+                               base_logp=base_logp, similarity=sim,
+                               bytes_slots=() if live else slots, live_slots=live, warmup=warmup)  # fmt: skip
+        r.name, r.line, r.budget = st.name if st.line != describe(p) else st.line, st.line, p.budget
+        if progress:
+            print(f"    {r.name}: {time.time() - t0:.1f} s", flush=True)
         rows.append(r)
         trs.append(tr)
     return base, rows, base_tr, trs
 
 
-def print_table(batch: int, base: Result, rows: list[Result]) -> None:
-    hdr = (f"{'setting':<22}{'distinct':>9}{'reduction':>10}{'ppl':>9}{'Δppl %':>8}"
-           f"{'acc %':>7}{'Δacc pt':>8}{'KL':>8}{'agree':>7}")
-    print(f"batch {batch}: {base.count} decode tokens (the bf16 row is the numerics floor)")
+def bytes_reduction(r: Result, base: Result, K: int) -> Optional[float]:
+    """1 - this setting's expert copies / the same cache's with selection off (None: not run)."""
+    if K not in r.misses or not base.misses.get(K):
+        return None
+    return 1 - r.misses[K] / base.misses[K]
+
+
+def point(r: Result, base: Result, E: int) -> dict:
+    """One frontier point's JSON."""
+    out = {"setting": r.name, "line": r.line, "budget": r.budget,
+           "distinct": round(r.distinct, 3), "expert_reduction": round(1 - r.distinct / base.distinct, 4),
+           "ppl": round(r.ppl, 4), "ppl_rel_increase": round(r.ppl / base.ppl - 1, 5),
+           "accuracy_delta_points": round(100 * (r.accuracy - base.accuracy), 3),
+           "kl": round(r.kl, 6), "agreement": round(r.agree / max(r.count, 1), 5)}  # fmt: skip
+    for f in FRACTIONS:
+        red = bytes_reduction(r, base, E // f)
+        out[f"bytes_reduction_e{f}"] = None if red is None else round(red, 4)
+    out["meets_quality"] = meets_quality(out)
+    return out
+
+
+def meets_quality(pt: dict) -> bool:
+    """The issue's quality gate: Δppl <= +0.5 % and Δ top-1 accuracy >= -0.5 points."""
+    return (pt["ppl_rel_increase"] <= GOAL["ppl_rel_increase"]
+            and pt["accuracy_delta_points"] >= GOAL["accuracy_delta_points"])  # fmt: skip
+
+
+def print_table(batch: int, base: Result, rows: list[Result], E: Optional[int] = None) -> None:
+    hdr = (f"{'setting':<24}{'distinct':>9}{'reduct':>7}{'Δppl %':>8}{'acc %':>7}{'Δacc pt':>8}"
+           f"{'KL':>8}{'agree':>7}{'bytes-E/4':>10}{'bytes-E/2':>10}")  # fmt: skip
+    print(f"batch {batch}: {base.count} decode tokens (the bf16 row is the numerics floor; "
+          f"bytes: reduction vs selection off)")  # fmt: skip
     print(hdr)
     print("-" * len(hdr))
     for r in [base] + rows:
         red = 1 - r.distinct / base.distinct
         dp = 100 * (r.ppl / base.ppl - 1)
         da = 100 * (r.accuracy - base.accuracy)
-        print(f"{r.name[:22]:<22}{r.distinct:>9.2f}{red:>10.3f}{r.ppl:>9.3f}{dp:>+8.2f}"
-              f"{100 * r.accuracy:>7.2f}{da:>+8.2f}{r.kl:>8.4f}{r.agree / r.count:>7.3f}")
+        cells = ""
+        for f in FRACTIONS:
+            b = bytes_reduction(r, base, E // f) if E else None
+            cells += f"{'' if b is None else f'{b:.3f}':>10}"
+        print(f"{r.name[:24]:<24}{r.distinct:>9.2f}{red:>7.3f}{dp:>+8.2f}"
+              f"{100 * r.accuracy:>7.2f}{da:>+8.2f}{r.kl:>8.4f}{r.agree / r.count:>7.3f}{cells}")
 
 
-def default_settings(budgets: list[float]) -> list[SelectionParams]:
-    out = [replace(DEFAULT, budget=b) for b in budgets]
-    out.append(replace(DEFAULT, policy="oea", protect_top=2))
-    out.append(replace(DEFAULT, policy="oea", protect_top=4))
+DEFAULT_BUDGETS = "0.9,0.8,0.7,0.6,0.5,0.4,0.3"
+LINES = ("lynx", "drop", "similar", "similar+t=0.15", "lynx+l0", "drop+l0", "lynx+miss@2",
+         "drop+l0+miss@2", "lynx+miss@4")
+
+
+def goal_status(points: list[dict]) -> dict:
+    """The issue's two goals on one run: the best reduction inside the quality gate, and the
+    policy reaching it (or, if none meets the gate, the point closest to it)."""
+    out = {}
+    for key, target in (("expert_reduction", GOAL["expert_reduction"]),
+                        ("bytes_reduction_e2", GOAL["bytes_reduction_e2"])):  # fmt: skip
+        pts = [p for p in points if p.get(key) is not None]
+        ok = [p for p in pts if p["meets_quality"]]
+        best = max(ok, key=lambda p: p[key], default=None)
+        out[key] = {"target": target, "met": bool(best and best[key] >= target),
+                    "best_within_quality": None if best is None else
+                    {k: best[k] for k in ("setting", key, "ppl_rel_increase", "accuracy_delta_points")}}  # fmt: skip
     return out
+
+
+def plot(runs: list[dict], path: Path) -> Optional[str]:
+    """Per model (rows: Δppl, Δacc) against the three reductions (distinct experts, bytes at
+    E/4, bytes at E/2), one line per policy, the quality goal dotted. Returns the file."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    xs = (("expert_reduction", "fewer distinct experts (resident)"),
+          ("bytes_reduction_e4", "fewer host->GPU bytes, K=E/4"),
+          ("bytes_reduction_e2", "fewer host->GPU bytes, K=E/2"))  # fmt: skip
+    ys = (("ppl_rel_increase", "Δppl (relative)", GOAL["ppl_rel_increase"]),
+          ("accuracy_delta_points", "Δ top-1 accuracy (points)", GOAL["accuracy_delta_points"]))
+    fig, axes = plt.subplots(2 * len(runs), 3, figsize=(13, 3.3 * 2 * len(runs)), squeeze=False)
+    for i, run in enumerate(runs):
+        lines = list(dict.fromkeys(p["line"] for p in run["points"]))
+        for j, (ykey, ylabel, goal) in enumerate(ys):
+            for c, (xkey, xlabel) in enumerate(xs):
+                ax = axes[2 * i + j][c]
+                for n, line in enumerate(lines):
+                    pts = sorted((p[xkey], p[ykey]) for p in run["points"]
+                                 if p["line"] == line and p.get(xkey) is not None)  # fmt: skip
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", ms=3, color=f"C{n}", label=line)
+                ax.axhline(goal, color="r", lw=0.8, ls=":")
+                ax.axhline(run["floor"][ykey], color="grey", lw=0.8, ls="--")
+                ax.set_xlabel(xlabel, fontsize=8)
+                ax.set_ylabel(ylabel, fontsize=8)
+                ax.set_title(f"{run['model']}, {run['text']}, batch {run['batch']}", fontsize=8)
+                ax.grid(alpha=0.3)
+        axes[2 * i][0].legend(fontsize=6)
+    fig.suptitle("quality frontier: one line per policy (budgets along each line); red dotted: "
+                 "the quality goal, grey dashed: the bf16 numerics floor", fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def run_one(model, model_name: str, text: str, B: int, args, settings: list[Setting]) -> dict:
+    """Base, bf16 floor and every setting at one (model, text, batch)."""
+    ids = load_heldout_ids(Path(args.model_dir[model_name]), text)
+    batches = make_batches(ids, B, args.prefill + args.decode, args.max_batches or 10**9)
+    if not batches:
+        raise SystemExit(f"{text} too short for batch {B} x seq {args.prefill + args.decode}")
+    E = model.config.num_experts
+    print(f"\n== {model_name}, {text}, batch {B} ({len(batches)} window(s)) ==", flush=True)
+    base, rows, _, _ = evaluate(model, batches, args.prefill, settings, floor=True,
+                                fractions=FRACTIONS, warmup=args.warmup, progress=args.progress)  # fmt: skip
+    print_table(B, base, rows, E)
+    floor, rows = rows[0], rows[1:]
+    points = [point(r, base, E) for r in rows]
+    fl = point(floor, base, E)
+    return {"model": model_name, "text": text, "batch": B, "num_experts": E,
+            "decode_tokens": base.count, "windows": len(batches),
+            "distinct_base": round(base.distinct, 3), "ppl_base": round(base.ppl, 4),
+            "accuracy_base": round(base.accuracy, 5),
+            "misses_base": {str(K): m for K, m in base.misses.items()},
+            "floor": {k: fl[k] for k in ("ppl_rel_increase", "accuracy_delta_points", "kl", "agreement")},
+            "points": points, "goals": goal_status(points)}  # fmt: skip
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(SHIPPED_MODEL))
-    ap.add_argument("--quick", action="store_true", help="a small slice: under a minute on 2 cores")
-    ap.add_argument("--text", choices=TEXTS, default="code",
-                    help="held-out code (in-domain) or out-of-domain English prose")
-    ap.add_argument("--batch", type=int, nargs="+", default=[16])
+    names = [m.name for m in SHIPPED_MODELS]
+    ap.add_argument("--models", nargs="+", default=names, help=f"shipped models ({', '.join(names)}) or paths")
+    ap.add_argument("--quick", action="store_true", help="a small slice: about a minute on 2 cores")
+    ap.add_argument("--texts", nargs="+", choices=TEXTS, default=list(TEXTS),
+                    help="held-out code (in-domain) and/or out-of-domain English prose")
+    ap.add_argument("--batch", type=int, nargs="+", default=[16, 32])
+    ap.add_argument("--prose-batch", type=int, nargs="+", default=[16], help="batches on prose")
     ap.add_argument("--prefill", type=int, default=64)
     ap.add_argument("--decode", type=int, default=192)
-    ap.add_argument("--max-batches", type=int, default=0, help="per batch size (0: all held-out text)")
-    ap.add_argument("--budgets", default="0.8,0.7,0.6,0.5,0.4")
-    ap.add_argument("--max-experts", type=int, default=0,
-                    help="cap every setting's kept set (e.g. K: a hybrid cache's capture bound)")
-    ap.add_argument("--json-out", default="", help="also write the JSON here")
-    ap.add_argument("--save-traces", default="", help="write decode routing traces (base and default) here")
+    ap.add_argument("--warmup", type=int, default=16, help="decode steps before misses count")
+    ap.add_argument("--max-batches", type=int, default=6, help="windows per run (0: all held-out text)")
+    ap.add_argument("--lines", nargs="+", default=list(LINES), help="policy[+l0][+miss@N] (see above)")
+    ap.add_argument("--budgets", default=DEFAULT_BUDGETS)
+    ap.add_argument("--out-dir", default=str(RESULTS))
+    ap.add_argument("--name", default="frontier")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--progress", action="store_true", help="print each setting's time")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     t0 = time.time()
-    model_dir = Path(args.model)
-    model = MoEModel.from_pretrained(model_dir)
-    ids = load_heldout_ids(model_dir, args.text)
     if args.quick:
+        args.models, args.texts, args.batch, args.prose_batch = args.models[:1], ["code"], [16], []
         args.prefill, args.decode = 32, 96
-        args.max_batches = args.max_batches or 2
+        args.max_batches = 1
+        if args.lines == list(LINES):
+            args.lines = ["lynx", "drop", "lynx+miss@2"]
+        if args.budgets == DEFAULT_BUDGETS:
+            args.budgets = "0.8,0.6"
+        args.name = "frontier_quick" if args.name == "frontier" else args.name
     budgets = [float(b) for b in args.budgets.split(",") if b]
-    settings = default_settings(budgets)
-    if args.max_experts:
-        settings = [replace(p, max_experts=args.max_experts) for p in settings]
-    summary = {}
-    for B in args.batch:
-        batches = make_batches(ids, B, args.prefill + args.decode, args.max_batches or 10**9)
-        if not batches:
-            raise SystemExit(f"held-out text too short for batch {B} x seq {args.prefill + args.decode}")
-        base, rows, base_tr, trs = evaluate(model, batches, args.prefill, settings,
-                                            keep_trace=bool(args.save_traces), floor=True)
-        print_table(B, base, rows)
-        floor_row, rows, trs = rows[0], rows[1:], trs[1:]
-        d = rows[budgets.index(DEFAULT.budget)] if DEFAULT.budget in budgets else rows[0]
-        summary[B] = {
-            "batch": B,
-            "setting": d.name,
-            "distinct_experts_base": round(base.distinct, 3),
-            "distinct_experts_lynx": round(d.distinct, 3),
-            "expert_reduction": round(1 - d.distinct / base.distinct, 4),
-            "ppl_base": round(base.ppl, 4),
-            "ppl_lynx": round(d.ppl, 4),
-            "ppl_rel_increase": round(d.ppl / base.ppl - 1, 5),
-            "agreement": round(d.agree / d.count, 5),
-            "accuracy_base": round(base.accuracy, 5),
-            "accuracy_delta_points": round(100 * (d.accuracy - base.accuracy), 3),
-            "kl": round(d.kl, 6),
-            "decode_tokens": base.count,
-            "agreement_bf16_floor": round(floor_row.agree / floor_row.count, 5),
-            "ppl_rel_increase_bf16_floor": round(floor_row.ppl / base.ppl - 1, 5),
-            "accuracy_delta_points_bf16_floor": round(100 * (floor_row.accuracy - base.accuracy), 3),
-            "kl_bf16_floor": round(floor_row.kl, 6),
-            "curve": [
-                {"setting": r.name, "distinct": round(r.distinct, 3),
-                 "expert_reduction": round(1 - r.distinct / base.distinct, 4),
-                 "ppl": round(r.ppl, 4), "ppl_rel_increase": round(r.ppl / base.ppl - 1, 5),
-                 "accuracy_delta_points": round(100 * (r.accuracy - base.accuracy), 3),
-                 "kl": round(r.kl, 6), "agreement": round(r.agree / r.count, 5)}
-                for r in rows
-            ],
-        }
-        if args.save_traces:
-            di = budgets.index(DEFAULT.budget) if DEFAULT.budget in budgets else 0
-            path = Path(args.save_traces)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({
-                "topk_ids": torch.cat(base_tr).to(torch.int16),  # [steps, L, B, k]
-                "topk_ids_lynx": torch.cat(trs[di]).to(torch.int16),
-                "num_experts": model.config.num_experts, "batch": B, "setting": d.name,
-                "source": f"{model_dir.name} held-out decode, teacher-forced",
-            }, path.with_name(path.stem + f"_b{B}" + path.suffix))
-    out = dict(summary[args.batch[0]])
-    out["model"], out["text"] = model_dir.name, args.text
-    out["by_batch"] = {str(b): {k: v for k, v in s.items() if k != "curve"} for b, s in summary.items()}
+    settings = [parse_line(line, b) for line in args.lines for b in budgets]
+    settings.append(Setting("default", DEFAULT))  # the recommended setting, wherever it lies
+    args.model_dir = {Path(m).name: (m if "/" in m else str(SHIPPED_MODEL.parent / m)) for m in args.models}
+    runs = []
+    for name, path in args.model_dir.items():
+        model = MoEModel.from_pretrained(Path(path))
+        for text in args.texts:
+            for B in args.batch if text == "code" else args.prose_batch:
+                runs.append(run_one(model, name, text, B, args, settings))
+    first = runs[0]
+    d = next(p for p in first["points"] if p["line"] == "default")
+    out = {"goal": GOAL, "lines": args.lines, "budgets": budgets, "fractions": list(FRACTIONS),
+           "default_setting": describe(DEFAULT), "warmup_steps": args.warmup,
+           "prefill": args.prefill, "decode": args.decode,
+           "bytes_source": "the project's ExpertCache (eager executor, LRU, per-layer slots) on "
+                           "each run's own decode routing; misses x expert size",
+           "runs": runs,
+           # the recommended setting on the first run (the demo's table reads this)
+           "batch": first["batch"], "model": first["model"], "text": first["text"],
+           "setting": d["setting"], "expert_reduction": d["expert_reduction"],
+           "ppl_rel_increase": d["ppl_rel_increase"], "accuracy_delta_points": d["accuracy_delta_points"],
+           "kl": d["kl"], "agreement": d["agreement"],
+           "agreement_bf16_floor": first["floor"]["agreement"]}  # fmt: skip
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not args.no_plot:
+        code = [r for r in runs if r["text"] == "code"]
+        for B in dict.fromkeys(r["batch"] for r in code):
+            png = plot([r for r in code if r["batch"] == B], out_dir / f"{args.name}_b{B}.png")
+            if png:
+                out.setdefault("plots", []).append(png)
     out["seconds"] = round(time.time() - t0, 1)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out))
+    print()
+    print_goals(runs)
+    (out_dir / f"{args.name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in out.items() if k != "runs"}))
     return out
+
+
+def print_goals(runs: list[dict]) -> None:
+    """One line per run and goal: the best reduction inside the quality gate and its policy."""
+    print("goals (inside Δppl <= +0.5 % and Δacc >= -0.5 pt):")
+    for r in runs:
+        for key, g in r["goals"].items():
+            b = g["best_within_quality"]
+            got = "none inside the gate" if b is None else f"{b[key]:.3f} by {b['setting']}"
+            print(f"  {r['model']:<14}{r['text']:<6}B={r['batch']:<3} {key:<19} >= {g['target']:.2f}: "
+                  f"{'met' if g['met'] else 'not met'} ({got})")
 
 
 if __name__ == "__main__":

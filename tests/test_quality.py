@@ -72,14 +72,47 @@ def test_hook_groups_decode_positions_and_leaves_prefill_alone(setup):
     assert torch.equal(new_ids[:, 20], ref.topk_ids)
 
 
-def test_main_quick_prints_json_with_the_required_keys(capsys):
-    out = quality.main(["--quick", "--max-batches", "1", "--budgets", "0.6"])
-    for key in ("batch", "distinct_experts_base", "distinct_experts_lynx", "expert_reduction",
-                "ppl_base", "ppl_lynx", "ppl_rel_increase", "agreement", "accuracy_delta_points",
-                "kl", "accuracy_delta_points_bf16_floor", "kl_bf16_floor"):
+def test_main_quick_writes_the_frontier(capsys, tmp_path):
+    out = quality.main(["--quick", "--budgets", "0.6", "--out-dir", str(tmp_path), "--no-plot"])
+    for key in ("batch", "setting", "expert_reduction", "ppl_rel_increase", "accuracy_delta_points",
+                "kl", "agreement", "agreement_bf16_floor", "runs", "goal"):  # fmt: skip
         assert key in out
+    (run,) = out["runs"]
+    lines = {p["line"] for p in run["points"]}
+    assert lines == {"lynx", "drop", "lynx+miss@2", "default"}
+    for p in run["points"]:
+        assert p["meets_quality"] == quality.meets_quality(p)
+        e2 = p["bytes_reduction_e2"]
+        assert e2 is not None and 0.0 < e2 < 1.0  # every point is measured at K = E/2
+        assert (p["bytes_reduction_e4"] is None) == (p["line"] == "lynx+miss@2")
+    assert set(run["goals"]) == {"expert_reduction", "bytes_reduction_e2"}
+    assert (tmp_path / "frontier_quick.json").exists()
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("{") and '"expert_reduction"' in last
+
+
+def test_frontier_lines_parse_into_settings():
+    st = quality.parse_line("drop+l0+miss@4", 0.5)
+    assert (st.params.policy, st.params.budget, st.params.layer_budgets) == ("drop", 0.5, "0:1.0")
+    assert st.params.miss_aware and st.fraction == 4 and st.name == "drop+l0+miss@4 b=0.5"
+    assert quality.parse_line("similar+t=0.2", 0.8).params.similar_threshold == 0.2
+    with pytest.raises(ValueError, match="options are"):
+        quality.parse_line("lynx+l1", 0.5)
+
+
+def test_bytes_are_exact_at_full_budget_and_fall_with_selection(setup):
+    """Budget 1 changes nothing, so its replayed and its live (miss-aware) caches copy exactly
+    what the base run's cache copies; a smaller budget copies less."""
+    model, batches = setup
+    settings = [quality.parse_line(line, b) for line in ("lynx", "lynx+miss@2") for b in (1.0, 0.4)]
+    base, rows, _, _ = quality.evaluate(model, batches, 16, settings, fractions=(2,), warmup=4)
+    K = model.config.num_experts // 2
+    assert base.misses[K] > 0
+    full, low, full_live, low_live = rows
+    assert full.misses[K] == full_live.misses[K] == base.misses[K]
+    assert low.misses[K] < base.misses[K] and low_live.misses[K] < base.misses[K]
+    # miss-aware keeps what is resident: fewer distinct experts removed than plain Lynx
+    assert low_live.distinct > low.distinct
 
 
 def test_out_of_domain_prose_is_shipped_and_not_in_the_training_split():

@@ -560,7 +560,8 @@ class Bench:
         if args.device == "cuda" and not self.measured:
             raise SystemExit("--device cuda: no CUDA device here")
         self.device = torch.device("cuda" if self.measured else "cpu")
-        self.params = replace(quality.DEFAULT, budget=args.budget)
+        # miss-aware selection is its own variant (+miss), measured with the masks it saw
+        self.params = replace(quality.DEFAULT, budget=args.budget, miss_aware=False)
         self.budgets = [float(b) for b in args.budgets.split(",") if b and float(b) != args.budget]
         self.batches = [int(b) for b in args.batches.split(",") if b]
         self.fractions = [float(f) for f in args.k_fractions.split(",") if f]

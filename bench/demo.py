@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     print(rule)
     print("lynx-sglang demo 1/2: quality cost of batch-aware expert selection (shipped model)")
     print(rule)
-    q_text, q = _quiet(quality.main, ["--quick"])
+    q_text, q = _quiet(quality.main, ["--quick", "--no-plot", "--out-dir", str(out_dir)])
     print("\n".join(q_text.splitlines()[:-1]))  # the table (its JSON line is in the file)
 
     print()

@@ -371,9 +371,8 @@ def print_table(batch: int, base: Result, rows: list[Result], E: Optional[int] =
               f"{100 * r.accuracy:>7.2f}{da:>+8.2f}{r.kl:>8.4f}{r.agree / r.count:>7.3f}{cells}")
 
 
-DEFAULT_BUDGETS = "0.9,0.8,0.7,0.6,0.5,0.4,0.3"
-LINES = ("lynx", "drop", "similar", "similar+t=0.15", "lynx+l0", "drop+l0", "lynx+miss@2",
-         "drop+l0+miss@2", "lynx+miss@4")
+DEFAULT_BUDGETS = "0.9,0.8,0.7,0.6,0.5,0.4"
+LINES = ("lynx", "drop", "similar", "lynx+l0", "lynx+miss@2", "lynx+l0+miss@2", "lynx+miss@4")
 
 
 def goal_status(points: list[dict]) -> dict:
@@ -467,7 +466,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--prefill", type=int, default=64)
     ap.add_argument("--decode", type=int, default=192)
     ap.add_argument("--warmup", type=int, default=16, help="decode steps before misses count")
-    ap.add_argument("--max-batches", type=int, default=6, help="windows per run (0: all held-out text)")
+    ap.add_argument("--max-batches", type=int, default=4, help="windows per run (0: all held-out text)")
     ap.add_argument("--lines", nargs="+", default=list(LINES), help="policy[+l0][+miss@N] (see above)")
     ap.add_argument("--budgets", default=DEFAULT_BUDGETS)
     ap.add_argument("--out-dir", default=str(RESULTS))

@@ -4,9 +4,12 @@ Two launches, no host sync, fixed output shapes, CUDA-graph capturable (num_vali
 device tensor read inside the kernels):
   _keep_kernel   one program per group: scans the valid tokens (confidence bins, protected
                  choices, batch-wide scores, deterministic: no atomics), then picks the kept
-                 set on device (target size, then a bisection over the scores' bit patterns).
+                 set on device (target size, then a bisection over the scores' bit patterns;
+                 miss-aware: resident candidates first, then the missing ones).
   _remap_kernel  one program per block of rows (valid and padding alike): moves choices
-                 outside the kept set to the row's best kept experts, renormalises weights.
+                 outside the kept set to kept experts the row lacks (the row's best by logit,
+                 or, "similar", the most similar to the expert lost) and sets the weights.
+Each policy ("lynx", "drop", "similar", "oea") and miss-aware selection is a constexpr variant.
 The spec and test oracle is `lynx_sglang.selection.policy.select_experts_ref`.
 
 Named dimensions: G groups, T tokens, E experts, K = k top-k slots.
@@ -23,7 +26,12 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from lynx_sglang.config import BUDGET_SCALE, SelectionParams
-from lynx_sglang.selection.types import MAX_KERNEL_EXPERTS, NumValid, SelectionResult
+from lynx_sglang.selection.types import (
+    MAX_KERNEL_EXPERTS,
+    ExpertSimilarity,
+    NumValid,
+    SelectionResult,
+)
 
 __all__ = ["interpreted", "select_experts_triton"]
 
@@ -43,7 +51,8 @@ def _keep_kernel(
     logits_ptr,  # [G, T, E] any float
     ids_ptr,  # [G, T, K] int32/int64
     nv_ptr,  # [1] or [G] int, read when NV_FROM_PTR
-    resident_ptr,  # [E] uint8, read when HAS_RESIDENT
+    resident_ptr,  # [E] uint8, read when CACHE_BONUS or MISS_AWARE
+    critical_ptr,  # [E] uint8, read when POLICY == "similar"
     keep_ptr,  # out [G, E] uint8
     scores_ptr,  # out [G, E] float32
     T,
@@ -60,9 +69,10 @@ def _keep_kernel(
     budget_ppm,
     n_cap,  # max(max_experts, K), 0 for no cap
     K: tl.constexpr,
-    IS_OEA: tl.constexpr,
+    POLICY: tl.constexpr,  # "lynx" | "drop" | "similar" | "oea"
     NV_FROM_PTR: tl.constexpr,
-    HAS_RESIDENT: tl.constexpr,
+    CACHE_BONUS: tl.constexpr,  # resident scores x bonus
+    MISS_AWARE: tl.constexpr,  # the budget on the missing experts, resident ones first
     SCALE: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -121,22 +131,42 @@ def _keep_kernel(
 
     # 4b. cache bonus
     s = score.to(tl.float32)  # [BE]
-    if HAS_RESIDENT:
+    res = tl.zeros([BLOCK_E], dtype=tl.int1)
+    if CACHE_BONUS or MISS_AWARE:
         res = tl.load(resident_ptr + e, mask=e_in, other=0) != 0
+    if CACHE_BONUS:
         s = tl.where(res, s * bonus, s)
     tl.store(scores_ptr + g * E + e, s, mask=e_in)
-    # 5. target size, then the best `quota` candidates by (score desc, index asc)
     chosen = hit > 0
     in_p = phit > 0
-    n = (tl.sum(chosen.to(tl.int64), 0) * budget_ppm + (SCALE - 1)) // SCALE
+    if POLICY == "similar":  # chosen experts without a similar peer are never moved
+        in_p = in_p | (chosen & (tl.load(critical_ptr + e, mask=e_in, other=0) != 0))
+    # 5. target size, then the best `quota` candidates by (score desc, index asc)
+    distinct = tl.sum(chosen.to(tl.int64), 0)
+    free = chosen & res  # miss-aware: chosen and already resident (no copy)
+    if MISS_AWARE:  # n = R + max(ceil(budget * (D - R)), Pm)
+        n_free = tl.sum(free.to(tl.int64), 0)
+        p_missing = tl.sum((in_p & ~free).to(tl.int64), 0)
+        missing = ((distinct - n_free) * budget_ppm + (SCALE - 1)) // SCALE
+        n = n_free + tl.maximum(missing, p_missing)
+    else:
+        n = (distinct * budget_ppm + (SCALE - 1)) // SCALE
     n = tl.maximum(n, K)
     n = tl.where(n_cap > 0, tl.minimum(n, n_cap), n)
-    if IS_OEA:
+    if POLICY == "oea":
         n = tl.full([], K, tl.int64)
     cand = chosen & ~in_p
     quota = tl.maximum(n - tl.sum(in_p.to(tl.int64), 0), 0)
-    quota = tl.minimum(quota, tl.sum(cand.to(tl.int64), 0)).to(tl.int32)
-    keep = in_p | _top_quota(s, cand, quota)
+    if MISS_AWARE:  # resident candidates first, the rest of the quota on the missing ones
+        first = cand & free
+        q_first = tl.minimum(quota, tl.sum(first.to(tl.int64), 0))
+        rest = cand & ~free
+        q_rest = tl.minimum(quota - q_first, tl.sum(rest.to(tl.int64), 0))
+        keep = in_p | _top_quota(s, first, q_first.to(tl.int32))
+        keep = keep | _top_quota(s, rest, q_rest.to(tl.int32))
+    else:
+        quota = tl.minimum(quota, tl.sum(cand.to(tl.int64), 0)).to(tl.int32)
+        keep = in_p | _top_quota(s, cand, quota)
     tl.store(keep_ptr + g * E + e, keep.to(tl.uint8), mask=e_in)
 
 
@@ -180,11 +210,13 @@ def _remap_kernel(
     ids_ptr,  # [G, T, K]
     w_ptr,  # [G, T, K]
     keep_ptr,  # [G, E] uint8 from _keep_kernel
+    sim_ptr,  # [E, E] float32, read when POLICY == "similar"
     ids_out_ptr,  # out [G, T, K] ids dtype
     w_out_ptr,  # out [G, T, K] weights dtype
     T,
     E,
     K: tl.constexpr,
+    POLICY: tl.constexpr,  # "lynx" | "drop" | "similar" | "oea"
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -212,7 +244,7 @@ def _remap_kernel(
     kept_k = tl.load(keep_ptr + g * E + ids, mask=tj_in, other=0) != 0  # [BT, BK]
 
     # 6. kept choices stay (protected experts all are kept); each other slot, in order, takes
-    # the row's best kept expert that the row lacks
+    # a kept expert that the row lacks
     avail = tl.broadcast_to(kept_e[None, :], [BLOCK_T, BLOCK_E])  # [BT, BE]
     for jj in tl.static_range(K):
         id_j = tl.load(ids_ptr + row * K + jj, mask=t_in, other=-1).to(tl.int32)  # [BT]
@@ -220,24 +252,49 @@ def _remap_kernel(
     moved = ~kept_k & tj_in  # [BT, BK]
     need = tl.sum(moved.to(tl.int32), 1)  # [BT]
     change = (need > 0) & (tl.sum(avail.to(tl.int32), 1) >= need)
-    pref = tl.where(avail, tl.maximum(lg, FLOAT32_MIN), float("-inf"))  # [BT, BE]
     new_ids = ids
-    for jj in tl.static_range(K):
-        col = j[None, :] == jj
-        mv_j = (tl.sum(tl.where(col, moved.to(tl.int32), 0), 1) > 0) & change  # [BT]
-        pick = tl.argmax(pref, 1, tie_break_left=True).to(tl.int32)  # [BT] lowest index wins
-        new_ids = tl.where(col & mv_j[:, None], pick[:, None], new_ids)
-        pref = tl.where(mv_j[:, None] & (e[None, :] == pick[:, None]), float("-inf"), pref)
+    if POLICY == "similar":
+        # the available expert most similar to the one the slot loses (ties: lower index),
+        # then no longer available to the row's later slots; every weight stays
+        for jj in tl.static_range(K):
+            col = j[None, :] == jj
+            mv_j = (tl.sum(tl.where(col, moved.to(tl.int32), 0), 1) > 0) & change  # [BT]
+            id_j = tl.load(ids_ptr + row * K + jj, mask=t_in, other=0).to(tl.int64)  # [BT]
+            sim = tl.load(
+                sim_ptr + id_j[:, None] * E + e[None, :],
+                mask=t_in[:, None] & e_in[None, :],
+                other=float("-inf"),
+            )  # [BT, BE] matrix[id_j, e]
+            sim = tl.where(avail, sim, float("-inf"))
+            pick = tl.argmax(sim, 1, tie_break_left=True).to(tl.int32)  # [BT]
+            new_ids = tl.where(col & mv_j[:, None], pick[:, None], new_ids)
+            avail = avail & ~(mv_j[:, None] & (e[None, :] == pick[:, None]))
+        out_w = w
+    else:
+        # the row's highest-logit kept experts (ties: lower index), in slot order
+        pref = tl.where(avail, tl.maximum(lg, FLOAT32_MIN), float("-inf"))  # [BT, BE]
+        for jj in tl.static_range(K):
+            col = j[None, :] == jj
+            mv_j = (tl.sum(tl.where(col, moved.to(tl.int32), 0), 1) > 0) & change  # [BT]
+            pick = tl.argmax(pref, 1, tie_break_left=True).to(tl.int32)  # [BT] lowest index wins
+            new_ids = tl.where(col & mv_j[:, None], pick[:, None], new_ids)
+            pref = tl.where(mv_j[:, None] & (e[None, :] == pick[:, None]), float("-inf"), pref)
 
-    # 7. renormalise changed rows to their original weight sum
-    lgn = tl.load(logits_ptr + row[:, None] * E + new_ids, mask=tj_in, other=float("-inf"))
-    pn = _div(tl.exp(lgn.to(tl.float32) - mx[:, None]), ssum[:, None])
-    pn = tl.where(tj_in, pn, 0.0)  # [BT, BK]
-    total = tl.sum(w.to(tl.float32), 1)[:, None]  # [BT, 1]
-    psum = tl.sum(pn, 1)[:, None]
-    even = _div(total, tl.full([BLOCK_T, 1], K, tl.float32))  # only if all new p underflow
-    w_new = tl.where(psum > 0, _div(pn * total, tl.where(psum > 0, psum, 1.0)), even)
-    out_w = tl.where(change[:, None], w_new.to(w.dtype), w)
+        # 7. renormalise changed rows to their original weight sum, by router probability
+        lgn = tl.load(logits_ptr + row[:, None] * E + new_ids, mask=tj_in, other=float("-inf"))
+        pn = _div(tl.exp(lgn.to(tl.float32) - mx[:, None]), ssum[:, None])
+        pn = tl.where(tj_in, pn, 0.0)  # [BT, BK]
+        w32 = w.to(tl.float32)  # [BT, BK], 0 outside the row
+        total = tl.sum(w32, 1)[:, None]  # [BT, 1]
+        psum = tl.sum(pn, 1)[:, None]
+        even = _div(total, tl.full([BLOCK_T, 1], K, tl.float32))  # only if all new p underflow
+        w_new = tl.where(psum > 0, _div(pn * total, tl.where(psum > 0, psum, 1.0)), even)
+        if POLICY == "drop":  # over the row's kept choices instead; moved slots weigh 0
+            w_kept = tl.where(kept_k, w32, 0.0)  # [BT, BK]
+            kept_sum = tl.sum(w_kept, 1)[:, None]  # [BT, 1]
+            w_drop = _div(w_kept * total, tl.where(kept_sum > 0, kept_sum, 1.0))
+            w_new = tl.where(kept_sum > 0, w_drop, w_new)
+        out_w = tl.where(change[:, None], w_new.to(w.dtype), w)
     tl.store(ids_out_ptr + row[:, None] * K + j[None, :], new_ids, mask=tj_in)
     tl.store(w_out_ptr + row[:, None] * K + j[None, :], out_w, mask=tj_in)
 
@@ -257,12 +314,14 @@ def select_experts_triton(
     params: SelectionParams,
     num_valid: NumValid = None,
     resident: Optional[torch.Tensor] = None,
+    similarity: Optional[ExpertSimilarity] = None,
 ) -> SelectionResult:
     """The Triton selection: same contract as `select_experts_ref` (leading dims are groups,
-    one keep program each); resident must be [E]. No host sync when num_valid is a tensor."""
+    one keep program each); resident must be [E]; similarity (matrix [E, E], critical [E]) is
+    required by "similar". No host sync when num_valid is a tensor."""
     *lead, T, E = router_logits.shape
     k = topk_ids.shape[-1]
-    _check(router_logits, topk_ids, topk_weights, num_valid, resident)
+    _check(router_logits, topk_ids, topk_weights, params, num_valid, resident, similarity)
     if router_logits.device.type != "cuda" and not interpreted():
         raise ValueError(
             "the selection kernels take CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 "
@@ -294,8 +353,12 @@ def select_experts_triton(
     nv_ptr = num_valid.reshape(-1) if nv_from_ptr else scores
     nv_stride = 1 if nv_from_ptr and num_valid.numel() > 1 else 0
     nv_const = T if num_valid is None or nv_from_ptr else max(0, min(int(num_valid), T))
-    has_res = resident is not None and params.cache_bonus > 0.0
-    res_ptr = _as_uint8(resident) if has_res else keep
+    cache_bonus = resident is not None and params.cache_bonus > 0.0
+    miss_aware = resident is not None and params.miss_aware
+    res_ptr = _as_uint8(resident) if cache_bonus or miss_aware else keep
+    similar = params.policy == "similar"
+    crit_ptr = _as_uint8(similarity.critical) if similar else keep
+    sim_ptr = similarity.matrix.to(torch.float32).contiguous() if similar else scores  # [E, E]
     bins = params.conf_bins
 
     # tiles of [BLOCK_T, BLOCK_E] (and [BLOCK_T, BLOCK_K, BLOCK_K]): sized to stay in registers
@@ -304,7 +367,7 @@ def select_experts_triton(
     keep_bt = _block_t(BLOCK_E, BLOCK_K, 2048)
     remap_bt = _block_t(BLOCK_E, BLOCK_K, 1024)
     _keep_kernel[(G,)](
-        logits, ids, nv_ptr, res_ptr, keep, scores,
+        logits, ids, nv_ptr, res_ptr, crit_ptr, keep, scores,
         T, E, nv_const, nv_stride,
         bins,
         params.low_conf_weight if bins > 1 else 1.0,
@@ -316,9 +379,10 @@ def select_experts_triton(
         params.budget_ppm,
         max(params.max_experts, k) if params.max_experts > 0 else 0,
         K=k,
-        IS_OEA=params.policy == "oea",
+        POLICY=params.policy,
         NV_FROM_PTR=nv_from_ptr,
-        HAS_RESIDENT=has_res,
+        CACHE_BONUS=cache_bonus,
+        MISS_AWARE=miss_aware,
         SCALE=BUDGET_SCALE,
         BLOCK_T=keep_bt,
         BLOCK_E=BLOCK_E,
@@ -327,9 +391,10 @@ def select_experts_triton(
         enable_fp_fusion=False,  # plain IEEE multiply and add, as in the torch reference
     )  # fmt: skip
     _remap_kernel[(G, triton.cdiv(T, remap_bt))](
-        logits, ids, w, keep, ids_out, w_out,
+        logits, ids, w, keep, sim_ptr, ids_out, w_out,
         T, E,
         K=k,
+        POLICY=params.policy,
         BLOCK_T=remap_bt,
         BLOCK_E=BLOCK_E,
         BLOCK_K=BLOCK_K,
@@ -348,8 +413,10 @@ def _check(
     logits: torch.Tensor,
     ids: torch.Tensor,
     weights: torch.Tensor,
+    params: SelectionParams,
     num_valid: NumValid,
     resident: Optional[torch.Tensor],
+    similarity: Optional[ExpertSimilarity],
 ) -> None:
     """Shapes, dtypes and devices the kernels take; raises ValueError otherwise."""
     *lead, T, E = logits.shape
@@ -376,6 +443,16 @@ def _check(
         if resident.shape != (E,):
             raise ValueError(f"resident must be [E]={E}, got {tuple(resident.shape)}")
         tensors.append(resident)
+    if params.policy == "similar" and similarity is None:
+        raise ValueError("the similar policy needs the layer's ExpertSimilarity")
+    if similarity is not None:
+        matrix, critical = similarity
+        if matrix.shape != (E, E) or not matrix.is_floating_point():
+            shape = f"{tuple(matrix.shape)} {matrix.dtype}"
+            raise ValueError(f"similarity matrix must be float [E, E], E={E}; got {shape}")
+        if critical.shape != (E,):
+            raise ValueError(f"similarity critical must be [E]={E}, got {tuple(critical.shape)}")
+        tensors += [matrix, critical]
     if any(x.device != logits.device for x in tensors):
         raise ValueError("all selection inputs must be on one device")
 

@@ -123,8 +123,8 @@ def select_experts_ref(
     Shapes: router_logits [..., T, E] (any float dtype), topk_ids [..., T, k] (int32/int64),
     topk_weights [..., T, k]; leading dims are independent groups. Rows t >= num_valid are
     CUDA-graph padding. resident: [E] (or [..., E]) bool, experts now on the GPU (read by the
-    cache bonus and by miss-aware selection). similarity: the layer's ExpertSimilarity,
-    required by the "similar" policy.
+    cache bonus and by miss-aware selection). similarity: the layer's ExpertSimilarity
+    (finite values), required by the "similar" policy.
 
     1. p = softmax(logits.float()). Valid rows: t < num_valid.
     2. Confidence c_t = max_e p[t, e]; bin b_t = min(floor(c_t * bins), bins - 1); token
@@ -140,7 +140,8 @@ def select_experts_ref(
        (A row's ids are distinct, as top-k makes them.)
     5. n = max(ceil(budget * D), k) (budget in millionths); miss-aware: max(R + max(ceil(
        budget * (D - R)), Pm), k), R the chosen resident experts, Pm the protected experts
-       not resident (so every chosen resident expert is kept); capped at max(max_experts, k) when
+       not resident (so every chosen resident expert is kept unless the cap binds; OEA's n
+       stays k); capped at max(max_experts, k) when
        max_experts > 0; OEA: n = k. Keep = P + the best (n - |P|)+ chosen experts outside P,
        ranked by score (miss-aware: resident ones first; ties: lower index). With no valid
        rows nothing is kept.
@@ -159,7 +160,7 @@ def select_experts_ref(
        lynx, oea: w'_j = p[t, id'_j] * S / sum_j p[t, id'_j] (S / k if that sum is 0);
        similar: each slot keeps its weight (the stand-in does the lost expert's share);
        drop: moved slots 0, kept slots w_j * S / sum_kept w_j in float32; a row whose kept
-         choices weigh 0 in all (none kept: only when protect_top is 0) as lynx.
+         choices weigh 0 in all (none kept: padding rows, or protect_top 0) as lynx.
     """
     *lead_list, T, E = router_logits.shape
     lead = tuple(lead_list)

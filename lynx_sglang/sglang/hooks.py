@@ -157,6 +157,10 @@ def _describe(cfg: LynxConfig, runtime: rt_mod.LynxRuntime) -> str:
     parts = [f"mode={cfg.mode}"]
     if cfg.selection_on:
         parts.append(f"policy={cfg.policy} budget={cfg.budget} max_experts={cfg.max_experts}")
+        if cfg.layer_budgets:
+            parts.append(f"layer_budgets={cfg.layer_budgets}")
+        if cfg.miss_aware:
+            parts.append("miss_aware=1")
     if runtime.cache is not None:
         parts.append(
             f"slots={runtime.cache.num_slots}/{runtime.model.num_experts} pool={cfg.slot_pool} "

@@ -81,8 +81,12 @@ def test_every_row_has_the_fields_and_cpu_times_are_projected(result):
         "offload (ours)",
         "lynx+offload",
         "lynx+offload +aware",
+        "lynx+offload +miss",
         "lynx+offload +aware +prefetch",
     } <= systems
+    # miss-aware rows: quality measured with the resident masks the replay's selection saw
+    miss = [r for r in res["rows"] if r["system"] == "lynx+offload +miss" and r["status"] == "ok"]
+    assert miss and all("resident masks" in r["quality_source"] for r in miss)
 
 
 def test_accelerate_needs_a_gpu_and_is_never_estimated(result):

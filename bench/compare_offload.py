@@ -561,7 +561,7 @@ class Bench:
             raise SystemExit("--device cuda: no CUDA device here")
         self.device = torch.device("cuda" if self.measured else "cpu")
         # miss-aware selection is its own variant (+miss), measured with the masks it saw
-        self.params = replace(quality.DEFAULT, budget=args.budget, miss_aware=False)
+        self.params = replace(quality.DEFAULT, budget=args.budget, miss_budget=0.0)
         self.budgets = [float(b) for b in args.budgets.split(",") if b and float(b) != args.budget]
         self.batches = [int(b) for b in args.batches.split(",") if b]
         self.fractions = [float(f) for f in args.k_fractions.split(",") if f]
@@ -691,7 +691,7 @@ class Bench:
         """lynx+offload variants at K: each at its best eviction (and prefetch mode)."""
         B, K, params = ctx["B"], self.slots_of[f], ctx["params"]
         reads = {False: params, "bonus": replace(params, cache_bonus=self.args.cache_bonus),
-                 "miss": replace(params, miss_aware=True)}  # fmt: skip
+                 "miss": replace(params, miss_budget=params.budget)}  # fmt: skip
         for name, (aware, pf, bound) in variants.items():
             if pf and not self.prefetches:
                 continue

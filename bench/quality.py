@@ -90,13 +90,13 @@ class Setting:
 def parse_line(line: str, budget: float, base: SelectionParams = DEFAULT) -> Setting:
     """``policy[+l0][+miss@N]`` at ``budget`` -> Setting (one-line ValueError otherwise)."""
     policy, *opts = line.split("+")
-    changes: dict = {"policy": policy, "budget": budget, "miss_aware": False, "layer_budgets": ""}
+    changes: dict = {"policy": policy, "budget": budget, "miss_budget": 0.0, "layer_budgets": ""}
     fraction = None
     for opt in opts:
         if opt == "l0":
             changes["layer_budgets"] = "0:1.0"
         elif opt.startswith("miss@") and opt[5:].isdigit() and int(opt[5:]) >= 1:
-            changes["miss_aware"], fraction = True, int(opt[5:])
+            changes["miss_budget"], fraction = budget, int(opt[5:])
         elif opt.startswith("t=") and _is_float(opt[2:]):
             changes["similar_threshold"] = float(opt[2:])
         else:

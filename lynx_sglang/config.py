@@ -65,9 +65,11 @@ class SelectionParams:
     min_batch: int = 2
     # Cache-aware selection: resident experts' scores are multiplied by (1 + cache_bonus).
     cache_bonus: float = 0.0
-    # Miss-aware selection (offload): every needed expert already resident is kept, and the
-    # budget applies only to the ones the step would copy: n = resident + ceil(budget * missing).
-    miss_aware: bool = False
+    # Miss-aware selection, with the expert cache: every needed expert already resident is kept,
+    # and this budget applies only to the ones the step would copy:
+    # n = resident + ceil(miss_budget * missing) (0: off, `budget` applies to all). Without the
+    # cache every expert is resident, nothing can miss, and `budget` applies.
+    miss_budget: float = 0.0
     # Per-layer budgets overriding `budget`, as "layer:budget" pairs, e.g. "0:1.0,1:0.8".
     layer_budgets: str = ""
     # "similar": an expert whose highest similarity to any other expert is below this is never
@@ -88,6 +90,8 @@ class SelectionParams:
         _at_least("min_batch", self.min_batch, 1)
         if self.cache_bonus < 0.0:
             raise ConfigError(f"--lynx-cache-bonus must be >= 0, got {self.cache_bonus}")
+        if not 0.0 <= self.miss_budget <= 1.0:
+            raise ConfigError(f"--lynx-miss-budget must be in [0, 1], got {self.miss_budget}")
         if not -1.0 <= self.similar_threshold <= 1.0:
             raise ConfigError(
                 f"--lynx-similar-threshold must be in [-1, 1], got {self.similar_threshold}"
@@ -107,6 +111,15 @@ class SelectionParams:
     def budget_ppm(self) -> int:
         """The budget in millionths (integer arithmetic on device, same in torch and Triton)."""
         return round(self.budget * BUDGET_SCALE)
+
+    @property
+    def miss_aware(self) -> bool:
+        """Whether selection in front of the expert cache budgets only the missing experts."""
+        return self.miss_budget > 0.0
+
+    @property
+    def miss_budget_ppm(self) -> int:
+        return round(self.miss_budget * BUDGET_SCALE)
 
     def max_kept(self, top_k: int, rows: int) -> int | None:
         """An upper bound on a step's distinct experts after selection, for a decode batch of
@@ -150,8 +163,12 @@ def parse_layer_budgets(text: str) -> dict[int, float]:
 
 @functools.lru_cache(maxsize=4096)
 def _at_layer(params: SelectionParams, layer: int) -> SelectionParams:
-    budget = params.layer_budget_map.get(layer, params.budget)
-    return dataclasses.replace(params, budget=budget, layer_budgets="")
+    """A layer's own budget replaces both budgets (miss-aware stays on if it was)."""
+    budget = params.layer_budget_map.get(layer)
+    if budget is None:
+        return dataclasses.replace(params, layer_budgets="")
+    miss = budget if params.miss_aware else 0.0
+    return dataclasses.replace(params, budget=budget, miss_budget=miss, layer_budgets="")
 
 
 @dataclass(frozen=True)
@@ -360,7 +377,8 @@ _HELP = {
     "low_conf_weight": "score weight of the least-confident bin (most confident weighs 1)",
     "min_batch": "apply selection only to decode batches with at least this many tokens",
     "cache_bonus": "cache-aware selection: resident experts' scores x (1 + bonus)",
-    "miss_aware": "offload: keep every needed resident expert, apply the budget to missing ones",
+    "miss_budget": "with the expert cache: keep every needed resident expert and keep this "
+    "fraction of the missing ones (0: off, --lynx-budget applies to all)",
     "layer_budgets": "per-layer budgets as layer:budget pairs, e.g. 0:1.0 (others: --lynx-budget)",
     "similar_threshold": "similar policy: never move an expert whose best peer similarity is below this",
     "slots": "GPU expert slots per MoE layer for the expert cache (0: all experts)",

@@ -94,7 +94,7 @@ def test_main_quick_writes_the_frontier(capsys, tmp_path):
 def test_frontier_lines_parse_into_settings():
     st = quality.parse_line("drop+l0+miss@4", 0.5)
     assert (st.params.policy, st.params.budget, st.params.layer_budgets) == ("drop", 0.5, "0:1.0")
-    assert st.params.miss_aware and st.fraction == 4 and st.name == "drop+l0+miss@4 b=0.5"
+    assert st.params.miss_budget == 0.5 and st.fraction == 4 and st.name == "drop+l0+miss@4 b=0.5"
     assert quality.parse_line("similar+t=0.2", 0.8).params.similar_threshold == 0.2
     with pytest.raises(ValueError, match="options are"):
         quality.parse_line("lynx+l1", 0.5)

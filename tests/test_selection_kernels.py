@@ -144,7 +144,7 @@ def resident_of(E, seed=0, device="cpu"):
 def policy_inputs(case, E, seed=0, device="cpu"):
     """(params, resident, similarity) for one of POLICY_CASES."""
     policy, miss, bonus = POLICY_CASES[case]
-    params = SelectionParams(policy=policy, miss_aware=miss, cache_bonus=bonus)
+    params = SelectionParams(policy=policy, miss_budget=0.4 if miss else 0.0, cache_bonus=bonus)
     resident = resident_of(E, seed, device) if miss or bonus > 0 else None
     similarity = similarity_of(E, seed, device=device) if policy == "similar" else None
     return params, resident, similarity
@@ -204,7 +204,7 @@ def scenario(name, device="cpu"):
     if policy is not None:
         params = dataclasses.replace(params, policy=policy)
     if miss:
-        params = dataclasses.replace(params, miss_aware=True)
+        params = dataclasses.replace(params, miss_budget=params.budget)
         resident = resident_of(E, seed=7) if resident is None else resident
         if name in ("all_resident", "none_resident"):
             resident = torch.full((E,), name == "all_resident")
@@ -401,7 +401,7 @@ def test_kernels_match_reference_on_random_policies(
     k = min(k, E)
     params = SelectionParams(
         policy=policy, budget=budget, max_experts=cap, protect_top=protect_top,
-        protect_p=protect_p, conf_bins=bins, cache_bonus=bonus, miss_aware=miss,
+        protect_p=protect_p, conf_bins=bins, cache_bonus=bonus, miss_budget=budget if miss else 0.0,
     )  # fmt: skip
     logits, ids, weights, num_valid = routing(T, E, k, seed=seed, kind=kind)
     resident = torch.rand(E, generator=torch.Generator().manual_seed(seed)) < 0.5
@@ -463,18 +463,18 @@ def test_similar_moves_to_the_most_similar_free_kept_expert(batch, budget, prote
 @settings(max_examples=12, deadline=None)
 @given(batches(), st.sampled_from([0.1, 0.4, 0.8]), st.sampled_from([0, 3, 6]), st.booleans())
 def test_miss_aware_keeps_resident_experts_first(batch, budget, cap, bonus):
-    """Nothing protected here, so the kept set is exactly n = R + ceil(budget * (D - R)) (at
+    """Nothing protected here, so the kept set is exactly n = R + ceil(miss_budget * (D - R)) (at
     least k, at most the cap) of the chosen experts, the resident ones first."""
     logits, ids, weights, num_valid, seed = batch
     E, k = logits.shape[-1], ids.shape[-1]
     params = SelectionParams(
-        budget=budget, max_experts=cap, protect_top=0, miss_aware=True, cache_bonus=0.5 * bonus
+        budget=1.0, max_experts=cap, protect_top=0, miss_budget=budget, cache_bonus=0.5 * bonus
     )
     resident = resident_of(E, seed)
     out = select_experts_triton(logits, ids, weights, params, num_valid, resident)
     chosen = chosen_experts(ids, E, num_valid)
     D, R = int(chosen.sum()), int((chosen & resident).sum())
-    n = max(R + ((D - R) * params.budget_ppm + BUDGET_SCALE - 1) // BUDGET_SCALE, k)
+    n = max(R + ((D - R) * params.miss_budget_ppm + BUDGET_SCALE - 1) // BUDGET_SCALE, k)
     n = min(n, max(cap, k)) if cap else n
     assert not (out.keep & ~chosen).any() and int(out.keep.sum()) == min(n, D)
     if (out.keep & ~resident).any() or cap == 0:

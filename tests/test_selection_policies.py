@@ -41,7 +41,7 @@ def cases(draw):
         budget=draw(st.sampled_from([0.1, 0.25, 0.5, 0.75, 1.0])),
         max_experts=draw(st.sampled_from([0, 0, 1, 3, 8])),
         protect_top=draw(st.integers(0, 2)),
-        miss_aware=draw(st.booleans()),
+        miss_budget=draw(st.sampled_from([0.0, 0.0, 0.3, 0.6])),
     )
     g = torch.Generator().manual_seed(seed + 1)
     resident = torch.rand(E, generator=g) < draw(st.sampled_from([0.0, 0.3, 0.7, 1.0]))
@@ -81,7 +81,9 @@ def test_rows_stay_distinct_in_the_kept_set_and_keep_their_sums(case):
 @given(cases())
 def test_full_budget_with_nothing_critical_is_identity(case):
     logits, ids, weights, params, _, resident, sim = case
-    params = dataclasses.replace(params, budget=1.0, max_experts=0)
+    params = dataclasses.replace(
+        params, budget=1.0, miss_budget=1.0 if params.miss_aware else 0.0, max_experts=0
+    )
     out = select_experts_ref(logits, ids, weights, params, None, resident, sim)
     assert torch.equal(out.topk_ids, ids) and torch.equal(out.topk_weights, weights)
 
@@ -198,7 +200,7 @@ def test_expert_similarity_sees_functions_not_neuron_order():
 @given(cases())
 def test_miss_aware_keeps_the_resident_and_budgets_the_missing(case):
     logits, ids, weights, params, num_valid, resident, sim = case
-    params = dataclasses.replace(params, policy="lynx", miss_aware=True, max_experts=0)
+    params = dataclasses.replace(params, policy="lynx", miss_budget=params.budget, max_experts=0)
     out = select_experts_ref(logits, ids, weights, params, num_valid, resident)
     nv = n_valid(num_valid, ids.shape[0])
     if nv == 0:
@@ -206,7 +208,7 @@ def test_miss_aware_keeps_the_resident_and_budgets_the_missing(case):
     chosen = chosen_mask(ids, logits.shape[-1], nv)
     assert out.keep[chosen & resident].all()  # a resident expert the batch needs costs nothing
     plain = select_experts_ref(
-        logits, ids, weights, dataclasses.replace(params, miss_aware=False), num_valid, resident
+        logits, ids, weights, dataclasses.replace(params, miss_budget=0.0), num_valid, resident
     )
     # the copies it asks for: no more than Lynx's at the same budget
     missing = chosen & ~resident
@@ -220,7 +222,7 @@ def test_miss_aware_without_a_resident_mask_is_lynx():
     logits, ids, weights = routing(3, 12, 32, 4)
     p = SelectionParams(budget=0.5)
     a = select_experts_ref(logits, ids, weights, p)
-    b = select_experts_ref(logits, ids, weights, dataclasses.replace(p, miss_aware=True))
+    b = select_experts_ref(logits, ids, weights, dataclasses.replace(p, miss_budget=0.3))
     assert torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.keep, b.keep)
 
 

@@ -147,10 +147,7 @@ def test_offload_runs_decode_graphs_with_the_hybrid_executor_only():
         assert "--lynx-slot-pool layer" in " ".join(problems(shared, graphs))
 
 
-def test_miss_aware_needs_the_cache_and_layer_budgets_name_real_layers():
-    with pytest.raises(UnsupportedConfig, match="--lynx-miss-aware keeps the experts"):
-        check(LynxConfig(mode="lynx", miss_aware=True), GOOD)
-    check(LynxConfig(mode="lynx+offload", slots=16, miss_aware=True), GOOD)
+def test_layer_budgets_name_real_layers():
     with pytest.raises(UnsupportedConfig, match="names MoE layer 4, but the model has 4"):
         check(LynxConfig(mode="lynx", layer_budgets="0:1.0,4:0.5"), facts(moe_layers=4))
     check(LynxConfig(mode="lynx", layer_budgets="0:1.0,3:0.5"), facts(moe_layers=4))

@@ -340,7 +340,7 @@ def test_miss_aware_reads_the_cache_step_by_step(sglang_layers, weights):
     """lynx+offload with miss-aware selection: each decode step keeps every needed resident
     expert (the cache as the previous step left it), the budget applied to the missing ones,
     and the output is exact for that routing."""
-    runtime = runtime_for(weights, mode="lynx+offload", budget=0.3, slots=32, miss_aware=True)
+    runtime = runtime_for(weights, mode="lynx+offload", budget=0.9, slots=32, miss_budget=0.3)
     moe, topk = build(sglang_layers, weights, runtime)
     params = runtime.cfg.selection
     for seed in range(4):

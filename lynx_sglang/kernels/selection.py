@@ -66,7 +66,7 @@ def _keep_kernel(
     protect_top,
     protect_p,
     bonus,  # 1 + cache_bonus
-    budget_ppm,
+    budget_ppm,  # in millionths: miss_budget when MISS_AWARE, else budget
     n_cap,  # max(max_experts, K), 0 for no cap
     K: tl.constexpr,
     POLICY: tl.constexpr,  # "lynx" | "drop" | "similar" | "oea"
@@ -144,7 +144,7 @@ def _keep_kernel(
     # 5. target size, then the best `quota` candidates by (score desc, index asc)
     distinct = tl.sum(chosen.to(tl.int64), 0)
     free = chosen & res  # miss-aware: chosen and already resident (no copy)
-    if MISS_AWARE:  # n = R + max(ceil(budget * (D - R)), Pm)
+    if MISS_AWARE:  # n = R + max(ceil(miss_budget * (D - R)), Pm)
         n_free = tl.sum(free.to(tl.int64), 0)
         p_missing = tl.sum((in_p & ~free).to(tl.int64), 0)
         missing = ((distinct - n_free) * budget_ppm + (SCALE - 1)) // SCALE
@@ -376,7 +376,7 @@ def select_experts_triton(
         params.protect_top,
         params.protect_p,
         1.0 + params.cache_bonus,
-        params.budget_ppm,
+        params.miss_budget_ppm if miss_aware else params.budget_ppm,
         max(params.max_experts, k) if params.max_experts > 0 else 0,
         K=k,
         POLICY=params.policy,

@@ -60,13 +60,15 @@ def target_size(
     """Kept-set target n per group: [...] int64. distinct: D, the chosen count. Miss-aware
     selection passes resident, R, the chosen experts already resident (they cost no copy), and
     protected_missing, Pm, the protected ones that are not: the budget applies to the D - R
-    missing ones, and protected ones are kept anyway: n = R + max(ceil(budget * (D - R)), Pm)."""
+    missing ones (at ``miss_budget``), and protected ones are kept anyway:
+    n = R + max(ceil(miss_budget * (D - R)), Pm)."""
     if params.policy == "oea":
         return torch.full_like(distinct, k)
     if resident is None:
         n = (distinct * params.budget_ppm + BUDGET_SCALE - 1) // BUDGET_SCALE  # ceil(budget * D)
     else:
-        missing = ((distinct - resident) * params.budget_ppm + BUDGET_SCALE - 1) // BUDGET_SCALE
+        missing = (distinct - resident) * params.miss_budget_ppm + BUDGET_SCALE - 1
+        missing = missing // BUDGET_SCALE
         n = resident + torch.maximum(missing, protected_missing)
     n = torch.clamp(n, min=k)
     if params.max_experts > 0:
@@ -138,8 +140,9 @@ def select_experts_ref(
        experts' scores x (1 + cache_bonus). Chosen: picked by a valid token; D = #chosen.
        P: experts with a protected choice; "similar" adds the chosen critical experts.
        (A row's ids are distinct, as top-k makes them.)
-    5. n = max(ceil(budget * D), k) (budget in millionths); miss-aware: max(R + max(ceil(
-       budget * (D - R)), Pm), k), R the chosen resident experts, Pm the protected experts
+    5. n = max(ceil(budget * D), k) (budget in millionths); miss-aware (miss_budget > 0 and a
+       resident mask): max(R + max(ceil(miss_budget * (D - R)), Pm), k), R the chosen resident
+       experts, Pm the protected experts
        not resident (so every chosen resident expert is kept unless the cap binds; OEA's n
        stays k); capped at max(max_experts, k) when
        max_experts > 0; OEA: n = k. Keep = P + the best (n - |P|)+ chosen experts outside P,

@@ -104,11 +104,6 @@ def problems(cfg: LynxConfig, facts: ServingFacts) -> list[str]:
 
 def _selection_problems(cfg: LynxConfig, f: ServingFacts) -> list[str]:
     out: list[str] = []
-    if cfg.miss_aware and not cfg.offload_on:
-        out.append(
-            "--lynx-miss-aware keeps the experts already resident, and without the expert cache "
-            "every expert is: use --lynx-mode lynx+offload (or --lynx-miss-aware 0)"
-        )
     layers = cfg.selection.layer_budget_map
     if f.moe_layers is not None and layers and max(layers) >= f.moe_layers:
         out.append(

@@ -159,8 +159,8 @@ def _describe(cfg: LynxConfig, runtime: rt_mod.LynxRuntime) -> str:
         parts.append(f"policy={cfg.policy} budget={cfg.budget} max_experts={cfg.max_experts}")
         if cfg.layer_budgets:
             parts.append(f"layer_budgets={cfg.layer_budgets}")
-        if cfg.miss_aware:
-            parts.append("miss_aware=1")
+        if runtime.cache is not None and cfg.miss_aware:
+            parts.append(f"miss_budget={cfg.miss_budget}")
     if runtime.cache is not None:
         parts.append(
             f"slots={runtime.cache.num_slots}/{runtime.model.num_experts} pool={cfg.slot_pool} "

@@ -509,6 +509,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--budget", type=float, default=quality.DEFAULT.budget, help="the Lynx budget")
     add("--budgets", default="0.8,0.9", help="more budgets for lynx+offload at the primary K")
     add("--cache-bonus", type=float, default=0.3, help="cache-aware selection's resident bonus")
+    add("--miss-budget", type=float, default=quality.DEFAULT.miss_budget or quality.DEFAULT.budget,
+        help="miss-aware selection's budget on the missing experts (+miss; --budgets sweep it too)")
     add(
         "--shape",
         default="qwen3-30b-a3b",
@@ -632,7 +634,8 @@ class Bench:
                 for b in self.budgets:
                     sel = self.selection(ctx, replace(self.params, budget=b))
                     names = {f"{n} b={b:g}": VARIANTS[n] for n in BUDGET_VARIANTS}
-                    self.product_rows({**ctx, "pre": sel["pre"], "params": sel["params"]}, f, sel, names)  # fmt: skip
+                    self.product_rows({**ctx, "pre": sel["pre"], "params": sel["params"],
+                                       "miss_budget": b}, f, sel, names)  # fmt: skip
         print(f"  batch {B}: {len(wins)} window(s) x {R.ids.shape[1]} decode steps, "
               f"{time.time() - self.t0:.1f} s", flush=True)  # fmt: skip
 
@@ -691,7 +694,7 @@ class Bench:
         """lynx+offload variants at K: each at its best eviction (and prefetch mode)."""
         B, K, params = ctx["B"], self.slots_of[f], ctx["params"]
         reads = {False: params, "bonus": replace(params, cache_bonus=self.args.cache_bonus),
-                 "miss": replace(params, miss_budget=params.budget)}  # fmt: skip
+                 "miss": replace(params, miss_budget=ctx.get("miss_budget", self.args.miss_budget))}  # fmt: skip
         for name, (aware, pf, bound) in variants.items():
             if pf and not self.prefetches:
                 continue
@@ -725,7 +728,8 @@ class Bench:
             device=self.device_name, routing=self.routing_src, model=str(self.model_dir),
             quality_goal=QUALITY_GOAL, seconds=round(time.time() - self.t0, 1),
             selection={"policy": self.params.policy, "budget": self.params.budget,
-                       "other_budgets": self.budgets, "cache_bonus": args.cache_bonus},
+                       "layer_budgets": self.params.layer_budgets, "other_budgets": self.budgets,
+                       "cache_bonus": args.cache_bonus, "miss_budget": args.miss_budget},
         )  # fmt: skip
         print_report(result)
         name = args.name or ("compare_offload_quick" if args.quick else "compare_offload")

@@ -71,16 +71,16 @@ def moe_layer_step(
     num_valid = step.num_valid if step.decode else None
     # 2. selection, on decode batches only: shrink the batch's active expert set
     if selection is not None and selects(step, ids.shape[0], selection.min_batch):
-        selection = selection.at_layer(layer)  # the layer's own budget, where one is set
+        params = selection.at_layer(layer)  # the layer's own budget, where one is set
         # cache- and miss-aware selection read what is resident now (device-side when captured)
-        aware = cache is not None and (selection.cache_bonus > 0 or selection.miss_aware)
+        aware = cache is not None and (params.cache_bonus > 0 or params.miss_aware)
         resident = cache.resident_mask(layer, step.captured) if aware else None
         sim = similarity[layer] if similarity is not None else None
-        sel = select_experts(router_logits, ids, weights, selection, num_valid, resident, sim)
+        sel = select_experts(router_logits, ids, weights, params, num_valid, resident, sim)
         ids, weights, scores = sel.topk_ids, sel.topk_weights, sel.scores
-        if isinstance(num_valid, torch.Tensor) and selection.min_batch > 1:
+        if isinstance(num_valid, torch.Tensor) and params.min_batch > 1:
             # under a graph the real row count lives on the device: small batches keep theirs
-            big = num_valid >= selection.min_batch
+            big = num_valid >= params.min_batch
             ids, weights = torch.where(big, ids, topk_ids), torch.where(big, weights, topk_weights)
         # 3. counters: distinct experts before and after, on the device
         if stats is not None:

@@ -236,7 +236,7 @@ def test_layer_budgets_parse_check_and_apply():
     assert p.layer_budget_map == {0: 1.0, 3: 0.8}
     assert p.at_layer(0).budget == 1.0 and p.at_layer(3).budget == 0.8
     assert p.at_layer(1).budget == 0.5 and p.at_layer(1).layer_budgets == ""
-    p0 = SelectionParams()
+    p0 = SelectionParams(layer_budgets="")
     assert p0.at_layer(2) is p0
     for bad in ("0=1.0", "x:0.5", "0:1.5", "-1:0.5"):
         with pytest.raises(ConfigError, match="--lynx-layer-budgets"):

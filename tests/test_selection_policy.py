@@ -241,7 +241,7 @@ def test_cache_bonus_prefers_resident_among_near_ties():
     resident = torch.tensor([True, True, False, True, False, False])
     plain = select_experts_ref(logits, ids, weights, SelectionParams(budget=0.75, conf_bins=1))
     assert plain.keep.tolist() == [True, True, True, False, False, False]
-    params = SelectionParams(budget=0.75, conf_bins=1, cache_bonus=0.2)
+    params = SelectionParams(budget=0.75, conf_bins=1, cache_bonus=0.2, miss_budget=0.0)
     biased = select_experts_ref(logits, ids, weights, params, resident=resident)
     assert biased.keep.tolist() == [True, True, False, True, False, False]
     torch.testing.assert_close(biased.scores[3], plain.scores[3] * 1.2)

@@ -125,6 +125,10 @@ def build(sglang_layers, w: dict, runtime: LynxRuntime | None):
 
 
 def runtime_for(w: dict, **cfg) -> LynxRuntime:
+    """A runtime for LAYER (MoE layer 0): the tests of selection's mechanics run it without the
+    default exemption of the first MoE layer and, with a cache, without miss-aware selection,
+    unless they ask (``test_defaults_*`` check the defaults)."""
+    cfg = {"layer_budgets": "", "miss_budget": 0.0, **cfg}
     return LynxRuntime(LynxConfig(**cfg), facts(w), torch.device("cpu"), stats=True)
 
 
@@ -357,6 +361,28 @@ def test_miss_aware_reads_the_cache_step_by_step(sglang_layers, weights):
             out, reference(weights, x, ref.topk_ids, ref.topk_weights), atol=2e-5, rtol=1e-4
         )
     assert resident.any()  # later steps did see residents
+
+
+def test_defaults_exempt_the_first_moe_layer_and_offload_budgets_the_misses(
+    sglang_layers, weights
+):
+    """The defaults (from bench/quality.py's frontier): the first MoE layer keeps every expert,
+    later layers keep budget 0.7 of them, and with the cache the budget is on the missing ones."""
+    cfg = LynxConfig(mode="lynx+offload", slots=32)
+    runtime = LynxRuntime(cfg, facts(weights), torch.device("cpu"), stats=True)
+    later = cfg.selection.at_layer(1)
+    assert cfg.selection.at_layer(0).budget == 1.0 and later.budget == 0.7
+    assert later.miss_aware and later.miss_budget == 0.5
+    moe, topk = build(sglang_layers, weights, runtime)
+    x, logits = inputs(weights, 8)
+    stock_out = topk.forward_native(x, logits)
+    with activated(runtime), runtime.scope(runtime.decode_step(TOKENS)):
+        out = moe(x, topk.forward_native(x, logits))
+    torch.testing.assert_close(
+        out, reference(weights, x, stock_out.topk_ids, stock_out.topk_weights), atol=2e-5, rtol=1e-4
+    )
+    stats = runtime.read_counters()["selection"]
+    assert stats["distinct_after"] == stats["distinct_before"]  # layer 0: nothing removed
 
 
 def test_forward_modes_map_to_steps(weights):

@@ -10,7 +10,7 @@ Systems, at each batch size B and each K (GPU slots per MoE layer, a fraction of
   lynx+offload      the product: selection in front of the cache, with and without cache-aware
                     selection (+aware: a score bonus; +miss: miss-aware, the budget on the
                     missing experts only) and cross-layer prefetch (+prefetch), each at its best
-                    eviction; at the primary K also at the other --budgets ("b=0.9")
+                    eviction; at the primary K also at the other --budgets ("b=0.8"; +miss: the miss budget)
 The product at a batch size is its fastest row within bench/quality.py's goal.
 
 Routing: the shipped model runs held-out text as batched teacher-forced decode (bench/quality.py
@@ -507,7 +507,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--evictions", default="lru,lfu,score")
     add("--prefetches", default="cross-layer", help="prefetch modes swept besides off")
     add("--budget", type=float, default=quality.DEFAULT.budget, help="the Lynx budget")
-    add("--budgets", default="0.8,0.9", help="more budgets for lynx+offload at the primary K")
+    add("--budgets", default="0.6,0.8", help="more budgets for lynx+offload at the primary K")
     add("--cache-bonus", type=float, default=0.3, help="cache-aware selection's resident bonus")
     add("--miss-budget", type=float, default=quality.DEFAULT.miss_budget or quality.DEFAULT.budget,
         help="miss-aware selection's budget on the missing experts (+miss; --budgets sweep it too)")

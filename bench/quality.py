@@ -473,7 +473,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--name", default="frontier")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--progress", action="store_true", help="print each setting's time")
+    ap.add_argument("--replot", default="", help="only redraw the PNGs of a frontier JSON")
     args = ap.parse_args(argv)
+    if args.replot:
+        return replot(Path(args.replot))
     torch.manual_seed(0)
     t0 = time.time()
     if args.quick:
@@ -522,6 +525,16 @@ def main(argv=None) -> dict:
     print_goals(runs)
     (out_dir / f"{args.name}.json").write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({k: v for k, v in out.items() if k != "runs"}))
+    return out
+
+
+def replot(path: Path) -> dict:
+    """Redraw a frontier JSON's PNGs beside it (one per batch of the code runs)."""
+    out = json.loads(path.read_text())
+    code = [r for r in out["runs"] if r["text"] == "code"]
+    out["plots"] = [plot([r for r in code if r["batch"] == B], path.with_name(f"{path.stem}_b{B}.png"))
+                    for B in dict.fromkeys(r["batch"] for r in code)]  # fmt: skip
+    path.write_text(json.dumps(out, indent=1) + "\n")
     return out
 
 

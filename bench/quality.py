@@ -469,6 +469,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-batches", type=int, default=4, help="windows per run (0: all held-out text)")
     ap.add_argument("--lines", nargs="+", default=list(LINES), help="policy[+l0][+miss@N] (see above)")
     ap.add_argument("--budgets", default=DEFAULT_BUDGETS)
+    ap.add_argument("--max-experts", type=int, default=0,
+                    help="cap every setting's kept set (e.g. K: a hybrid cache's capture bound)")
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--name", default="frontier")
     ap.add_argument("--no-plot", action="store_true")
@@ -490,6 +492,9 @@ def main(argv=None) -> dict:
         args.name = "frontier_quick" if args.name == "frontier" else args.name
     budgets = [float(b) for b in args.budgets.split(",") if b]
     settings = [parse_line(line, b) for line in args.lines for b in budgets]
+    if args.max_experts:
+        settings = [replace(st, params=replace(st.params, max_experts=args.max_experts))
+                    for st in settings]  # fmt: skip
     settings.append(Setting("default", DEFAULT))  # the recommended setting, wherever it lies
     args.model_dir = {Path(m).name: (m if "/" in m else str(SHIPPED_MODEL.parent / m)) for m in args.models}
     runs = []

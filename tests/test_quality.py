@@ -50,9 +50,8 @@ def test_accuracy_is_against_the_true_next_token_and_kl_against_the_base(setup):
 
 def test_smaller_budget_touches_fewer_experts_at_some_quality_cost(setup):
     model, batches = setup
-    base, rows, _, _ = quality.evaluate(
-        model, batches, 16, [SelectionParams(budget=0.8), SelectionParams(budget=0.4)]
-    )
+    every_layer = [SelectionParams(budget=b, layer_budgets="") for b in (0.8, 0.4)]
+    base, rows, _, _ = quality.evaluate(model, batches, 16, every_layer)
     assert base.distinct > rows[0].distinct > rows[1].distinct
     assert rows[1].ppl >= base.ppl * 0.99  # removing experts does not make the model better
     assert rows[1].agree < rows[1].count
@@ -64,7 +63,9 @@ def test_hook_groups_decode_positions_and_leaves_prefill_alone(setup):
     hook = quality.DecodePolicyHook(replace(quality.DEFAULT, budget=0.4), prefill=16, num_experts=64)
     logits = torch.randn(x.shape[0], x.shape[1], 64)
     ids, w = torch.softmax(logits, -1).topk(8, -1)[::-1]
-    new_ids, new_w = hook(0, logits, ids, w / w.sum(-1, keepdim=True))
+    layer0, _ = hook(0, logits, ids, w / w.sum(-1, keepdim=True))
+    assert torch.equal(layer0, ids)  # the default exempts the first MoE layer
+    new_ids, new_w = hook(1, logits, ids, w / w.sum(-1, keepdim=True))
     assert torch.equal(new_ids[:, :16], ids[:, :16])  # prefill untouched
     # position 20 of every sequence is one decode batch: the policy applied to exactly that batch
     ref = select_experts_ref(logits[:, 20], ids[:, 20], (w / w.sum(-1, keepdim=True))[:, 20],

@@ -260,7 +260,7 @@ def test_kernels_match_reference_edge_cases(name):
     if similarity is not None:  # chosen critical experts are never moved
         critical = chosen_experts(ids, logits.shape[-1], num_valid) & similarity.critical
         assert out.keep[critical].all() and (critical.any() or "critical" not in name)
-    if params.miss_aware and params.max_experts == 0 and params.policy != "oea":
+    if params.miss_aware and resident is not None and params.max_experts == 0 and params.policy != "oea":
         free = chosen_experts(ids, logits.shape[-1], num_valid) & resident
         assert out.keep[free].all()  # every chosen resident expert is kept
 

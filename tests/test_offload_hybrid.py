@@ -166,3 +166,25 @@ def _dense_kernel(x, ids, weights, experts):
     h = torch.nn.functional.silu(h[..., :inter]) * h[..., inter:]
     y = torch.einsum("tkhi,tki->tkh", w2[ids.long()], h)
     return (y * weights.unsqueeze(-1)).sum(1)
+
+
+def test_resident_mask_before_any_capture_is_the_host_state_without_a_push():
+    """Before any graph is captured, host-planned steps own the state: the resident mask
+    (what cache- and miss-aware selection read every step) comes from the host table, equal to
+    what a full push would give, and pushes nothing."""
+    store, _ = make_store(num_layers=L, num_experts=E)
+    cache = ExpertCache(store, K, "cpu", TOP_K, executor="hybrid")
+    hybrid = cache.executor
+    g = torch.Generator().manual_seed(4)
+    for _ in range(5):
+        for layer in range(L):
+            logits, ids, w = route(g, K // TOP_K)  # one wave: the step's experts stay resident
+            for _wave in cache.prepare(layer, ids):
+                pass
+            cache.end_step(layer)
+            assert hybrid.host_moved and not hybrid.graphs
+            host = cache.resident_mask(layer)
+            assert hybrid.host_moved  # no push happened
+            hybrid._push()
+            assert torch.equal(host, hybrid.device.resident_mask(layer))
+            assert host[ids.flatten()].all()

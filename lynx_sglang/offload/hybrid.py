@@ -69,6 +69,10 @@ class HybridExecutor:
         self._push()
 
     def resident_mask(self, layer: int) -> torch.Tensor:
+        if not self.graphs:  # nothing was captured: the host state is the only one, and one
+            # row of its table is all a host-planned step's selection needs (no state push)
+            held = torch.from_numpy(self.slots.table[layer, : self.E] >= 0)
+            return held.to(self.device.device)
         self._push()
         return self.device.resident_mask(layer)
 

@@ -24,7 +24,9 @@ Times: on a GPU every time is measured (CUDA events, warm-up, median of repeats,
 the traced model's MoE layers at the chosen expert size. On a CPU-only machine the counters
 (distinct experts, hits, misses, prefetches, bytes) are exact and every time is projected from
 them with the model in bench/projection.py, labelled "projected"; peers that cannot run on a CPU
-are shown as "needs GPU". Other expert sizes reuse the same counters (labelled). Per row:
+are shown as "needs GPU". SGLang's paged experts is replayed through its own code where SGLang is
+installed, and its counters recorded (--out-dir/sglang_paged_counts.npz); where it is not (the GPU
+machine), the counters recorded for the same routing are used, labelled, or the row is absent. Other expert sizes reuse the same counters (labelled). Per row:
 decode_ms_per_step is each sequence's time per token, ms_per_token the step over B. The
 "temporal" prefetch mode copies nothing with per-layer slot pools (the previous step's experts
 of a layer are still resident), so it is not swept by default. Last stdout line: JSON.
@@ -453,7 +455,8 @@ def peer_row(system: str, batch: int, slots: int, E: int, shape: Shape, status: 
     row = dict.fromkeys(none)
     row.update(system=system, batch=batch, slots=slots, k_fraction=round(slots / E, 4),
                eviction="-", prefetch="-", cache_aware=False, selection=False, shape=shape.name,
-               quality_source="exact (no selection)", status=status)  # fmt: skip
+               quality_source="exact (no selection)", ci95=None, quality_verdict="exact",
+               status=status)  # fmt: skip
     return row
 
 
@@ -466,10 +469,13 @@ def quality_cost(r: quality.Result | None, base: quality.Result, source: str) ->
     """The quality columns of a row (selection off: the cache is exact, nothing changes)."""
     if r is None:
         return {"ppl_rel_increase": 0.0, "accuracy_delta_points": 0.0, "agreement": 1.0,
-                "quality_source": source}  # fmt: skip
+                "ci95": None, "quality_verdict": "exact", "quality_source": source}  # fmt: skip
+    ci = quality.paired_intervals(r, base)
     return {"ppl_rel_increase": round(r.ppl / base.ppl - 1, 5),
             "accuracy_delta_points": round(100 * (r.accuracy - base.accuracy), 3),
-            "agreement": round(r.agree / r.count, 5), "quality_source": source}  # fmt: skip
+            "agreement": round(r.agree / r.count, 5), "ci95": ci,
+            "quality_verdict": quality.gate_verdict(ci), "quality_source": source,
+            "quality_sequences": len(r.per_seq)}  # fmt: skip
 
 
 def quality_with_resident(model: MoEModel, batches: list[torch.Tensor], prefill: int,
@@ -482,9 +488,8 @@ def quality_with_resident(model: MoEModel, batches: list[torch.Tensor], prefill:
 
 
 def meets_goal(row: dict) -> bool:
-    return (row["ppl_rel_increase"] is not None
-            and row["ppl_rel_increase"] <= QUALITY_GOAL["ppl_rel_increase"]
-            and row["accuracy_delta_points"] >= QUALITY_GOAL["accuracy_delta_points"])  # fmt: skip
+    """The quality goal met on the 95 % bound (exact rows meet it; unresolved ones do not)."""
+    return row.get("quality_verdict") in ("exact", "met")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,6 +527,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--name", default="", help="output name (default compare_offload[_quick])")
     add("--out-dir", default=str(RESULTS))
     add("--no-plot", action="store_true")
+    add("--peer-counts", default=str(peers.RECORDED),
+        help="SGLang paged-experts counters a run with SGLang recorded, read where it is absent")
     if ap.parse_known_args(argv)[0].quick:  # the preset; explicit flags still win
         ap.set_defaults(**QUICK)
     return ap.parse_args(argv)
@@ -576,6 +583,9 @@ class Bench:
         self.keep_hidden = cross or (self.measured and args.shape == "shipped")
         self.heldout = quality.load_heldout_ids(self.model_dir)
         self.rows: list[dict] = []
+        # SGLang's paged experts: its own code where installed (recorded beside the results),
+        # else what a run with it recorded for the same routing
+        self.sglang = peers.PeerCounts(args.peer_counts, Path(args.out_dir) / peers.RECORDED.name)
         self.runs: dict[tuple, list[Run]] = {}  # (batch, K fraction, system) -> its sweep
         hw, cpu = self.hw, platform.processor() or platform.machine()
         self.device_name = torch.cuda.get_device_name() if self.measured else f"cpu ({cpu})"
@@ -661,9 +671,12 @@ class Bench:
         out = []
         for name, ids, q in ((SGLANG_PEER, R.ids, exact), (SGLANG_LYNX, sel.topk_ids, lynx_q)):
             flat = ids.reshape(W * D, L, *ids.shape[3:]).cpu()  # [N, L, B, k] in decode order
-            t0 = time.perf_counter_ns()
-            counts = peers.replay_sglang_paged(flat, E, K)
-            plan_us = (time.perf_counter_ns() - t0) / 1e3 / counts[:, :, 0].size
+            got = self.sglang.get(flat, E, K)
+            if got is None:  # no SGLang here, and no run with it saw this routing
+                out.append(peer_row(name, B, K, E, shape, "absent: SGLang is not installed "
+                                    "here and no run with SGLang recorded this routing"))  # fmt: skip
+                continue
+            counts, plan_us, source = got
             captured = B <= peers.capture_cap(K, self.k)
             path = "CUDA graph" if captured else f"eager (B > {peers.capture_cap(K, self.k)})"
             lynx = name == SGLANG_LYNX
@@ -671,7 +684,7 @@ class Bench:
                           budget=self.params.budget if lynx else None)  # fmt: skip
             run = Run(setup, counts[warmup:], None, path=path,
                       host_us=0.0 if captured else plan_us)  # fmt: skip
-            out.append(self.row(run, B, q))
+            out.append({**self.row(run, B, q), "counter_source": source})
         # MIN under Lynx on the routing lynx+offload serves at this B: captured steps (B up to
         # the cap) run the selection with its kept set capped at K
         bounded = bounded_selection(self.params, K, E)
@@ -731,6 +744,7 @@ class Bench:
                        "layer_budgets": self.params.layer_budgets, "other_budgets": self.budgets,
                        "cache_bonus": args.cache_bonus, "miss_budget": args.miss_budget},
         )  # fmt: skip
+        self.sglang.save()
         print_report(result)
         name = args.name or ("compare_offload_quick" if args.quick else "compare_offload")
         path = Path(args.out_dir) / f"{name}.json"
@@ -738,8 +752,21 @@ class Bench:
         if not args.no_plot:
             result["plots"] = [Path(p).name for p in plot(result, path, QUALITY_GOAL)]  # beside it
         path.write_text(json.dumps(result, indent=1) + "\n")
-        print(json.dumps(result))
+        print(json.dumps(compact(result, path)))
         return result
+
+
+def compact(result: dict, path: Path) -> dict:
+    """The last stdout line: the headline and where the rest is (at most 2 KB)."""
+    product = {B: {"system": p["system"], "speedup": result["speedup_lynx_offload_vs_offload"][B],
+                   "ppl_rel_increase": p["ppl_rel_increase"], "quality_verdict": p["quality_verdict"]}
+               for B, p in result["product"].items()}  # fmt: skip
+    return {"bench": "compare_offload", "measured": result["measured"],
+            "time_source": result["time_source"], "device": result["device"],
+            "shape": result["shape"], "slots": result["slots"],
+            "primary_k_fraction": result["primary_k_fraction"], "product": product,
+            "goal_met": result["goal"]["met"], "rows": len(result["rows"]),
+            "seconds": result["seconds"], "out": str(path)}  # fmt: skip
 
 
 def _gpu_weights(model: MoEModel, shape: Shape, shipped: Shape, repeats: int) -> Gpu:
@@ -793,7 +820,7 @@ def summarise(bench: Bench) -> dict:
                 continue
             keys = ("system", "budget", "eviction", "prefetch", "tokens_per_s",
                     "distinct_per_layer_step", "ppl_rel_increase", "accuracy_delta_points",
-                    "agreement")  # fmt: skip
+                    "agreement", "ci95", "quality_verdict")  # fmt: skip
             product[str(B)] = {**{k_: p[k_] for k_ in keys}, "meets_quality_goal": meets_goal(p)}
             speed[str(B)] = x
             fastest = max(cands, key=lambda r: r["tokens_per_s"])

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from bench import compare_offload, quality
-from bench.compare_report import print_rows
+from bench.compare_report import print_rows, quality_text
 
 RESULTS = Path(__file__).parent / "results"
 SHOWN_BATCH = 16  # the offload table's batch size (the quick run covers 1 to 64)
@@ -51,9 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nverdict ({c['time_source']}): lynx+offload over the best offloading-alone row")
     for B, x in speed.items():
         p = product[B]
-        ok = "met" if p["meets_quality_goal"] else "missed"
-        print(f"  batch {B:>3}: {x:5.2f}x  quality goal {ok} (Δppl {p['ppl_rel_increase']:+.4f}, "
-              f"Δacc {p['accuracy_delta_points']:+.2f} pt), {p['system']}")
+        print(f"  batch {B:>3}: {x:5.2f}x  {p['system']}; {quality_text(p)}")
     g = c["goal"]
     print(f"  goal >= {g['speedup']}x at batch {g['batches']} within the quality goal: "
           f"{'met' if g['met'] else 'not met'}")

@@ -16,16 +16,25 @@ SGLang's residency is ``sglang/srt/layers/moe/paged_experts/residency.py`` (pure
 from the installed SGLang by its dotted name when a replay first runs. That import runs
 ``paged_experts/__init__.py`` and with it much of SGLang's server stack (about 25 s on two cores,
 once per process; it imports on CPU, with CUDA-only warnings).
+
+Where SGLang is not installed (the GPU machine has torch and triton only), ``PeerCounts`` serves
+the counters a run with SGLang recorded for the very same routing (keyed by a hash of the ids),
+and nothing otherwise: a peer row is then absent, never estimated.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import time
+from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import torch
 
 COLUMNS = ("distinct", "hits", "misses", "prefetched", "waves")
+RECORDED = Path(__file__).parent / "results" / "sglang_paged_counts.npz"
 
 
 def _residency() -> ModuleType:
@@ -33,6 +42,63 @@ def _residency() -> ModuleType:
     from sglang.srt.layers.moe.paged_experts import residency
 
     return residency
+
+
+def sglang_installed() -> bool:
+    """Whether SGLang can be imported here (found, not imported: importing it takes ~25 s)."""
+    try:
+        return importlib.util.find_spec("sglang") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def routing_key(topk_ids: torch.Tensor, num_experts: int, slots: int) -> str:
+    """A name for one replay's input: the ids' shape and bytes, E and the slots."""
+    ids = topk_ids.detach().to("cpu", torch.int64).contiguous()
+    h = hashlib.sha1(f"{tuple(ids.shape)}|{num_experts}|{slots}|".encode())
+    h.update(ids.numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+class PeerCounts:
+    """SGLang's paged-experts counters: replayed through its own code where it is installed
+    (and recorded), else read from a file a run with SGLang wrote for the same routing.
+
+    ``get`` returns (counts [N, L, 5] int64, host planning µs per layer-step, source) or None.
+    """
+
+    def __init__(self, path: Path | str = RECORDED, write_to: Path | str | None = None) -> None:
+        self.path = Path(path)
+        self.write_to = Path(write_to) if write_to is not None else self.path
+        self.live = sglang_installed()
+        self.recorded: dict[str, np.ndarray] = {}
+        for p in dict.fromkeys((self.path, self.write_to)):  # the record, then this output's
+            if p.exists():
+                with np.load(p) as f:
+                    self.recorded.update({k: f[k] for k in f.files})
+        self.new = 0
+
+    def get(self, topk_ids: torch.Tensor, num_experts: int, slots: int):
+        key = routing_key(topk_ids, num_experts, slots)
+        if self.live:
+            t0 = time.perf_counter_ns()
+            counts = replay_sglang_paged(topk_ids, num_experts, slots)
+            plan_us = (time.perf_counter_ns() - t0) / 1e3 / max(1, counts[:, :, 0].size)
+            self.recorded[key] = counts.astype(np.int16)
+            self.recorded[key + ":plan_us"] = np.array([plan_us])
+            self.new += 1
+            return counts, plan_us, "SGLang's own residency code (replayed here)"
+        if key not in self.recorded:
+            return None
+        plan_us = float(self.recorded[key + ":plan_us"][0])
+        return (self.recorded[key].astype(np.int64), plan_us,
+                f"recorded by a run with SGLang on the same routing ({self.path.name}, {key})")  # fmt: skip
+
+    def save(self) -> None:
+        """Write what this run replayed (merged with what the files held) when it replayed any."""
+        if self.new:
+            self.write_to.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(self.write_to, **self.recorded)
 
 
 def _check(topk_ids: torch.Tensor, num_experts: int, slots: int) -> int:

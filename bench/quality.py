@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from lynx_sglang import SHIPPED_MODEL, SHIPPED_MODELS
@@ -51,6 +52,8 @@ GOAL = {"ppl_rel_increase": 0.005, "accuracy_delta_points": -0.5, "expert_reduct
         "bytes_reduction_e2": 0.50}  # fmt: skip
 FRACTIONS = (4, 2)  # cache sizes of the bytes frontier: K = E/4 and E/2
 RESULTS = Path(__file__).parent / "results"
+BOOTSTRAP = 2000  # paired bootstrap resamples of every interval
+SEQ_COLUMNS = ("nll", "correct", "kl", "tokens")  # Result.per_seq
 
 PROSE = SHIPPED_MODEL.parent / "prose_ood.txt"  # English prose no model trained on
 TEXTS = ("code", "prose")
@@ -191,6 +194,9 @@ class Result:
     misses: dict = field(default_factory=dict)  # {K: expert copies after warmup, all layers}
     line: str = ""
     budget: float = 1.0
+    # per evaluated sequence, in batch order: [n, 4] float64 columns SEQ_COLUMNS, so that a
+    # setting and the base pair up sequence by sequence (the paired bootstrap's unit)
+    per_seq: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
 
     @property
     def ppl(self) -> float:
@@ -219,7 +225,7 @@ def run_setting(model, batches, prefill, params, base_argmax=None, keep_trace=Fa
     E, L, k = c.num_experts, c.num_hidden_layers, c.num_experts_per_tok
     nll, cnt, agree, dsum, dn, correct, kl = 0.0, 0, 0, 0.0, 0, 0, 0.0
     misses = {K: 0 for K in (*bytes_slots, *([live_slots] if live_slots else []))}
-    argmaxes, traces = [], []
+    argmaxes, traces, per_seq = [], [], []
     for b, x in enumerate(batches):
         caches = {K: tiny_cache(L, E, K, k) for K in bytes_slots}
         live = tiny_cache(L, E, live_slots, k) if live_slots else None
@@ -229,16 +235,23 @@ def run_setting(model, batches, prefill, params, base_argmax=None, keep_trace=Fa
             logits = model(x, hook=hook).logits[:, prefill:-1]  # predicts x[:, prefill+1:]
         for K, m in hook.misses.items():
             misses[K] += m
-        tgt = x[:, prefill + 1 :]
-        nll += float(torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), reduction="sum"))
+        tgt = x[:, prefill + 1 :]  # [B, D]
+        tok_nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), reduction="none")
+        seq_nll = tok_nll.view(tgt.shape).double().sum(1)  # [B]
+        nll += float(seq_nll.sum())
         cnt += tgt.numel()
         am = logits.argmax(-1)
-        correct += int((am == tgt).sum())
+        seq_correct = (am == tgt).sum(1).double()  # [B]
+        correct += int(seq_correct.sum())
         logp = torch.log_softmax(logits.float(), -1)  # [B, D, V]
+        seq_kl = torch.zeros(tgt.shape[0], dtype=torch.float64)
         if base_logp is not None:
             ref = base_logp[b].float()
-            kl += float((ref.exp() * (ref - logp)).sum())
+            seq_kl = (ref.exp() * (ref - logp)).sum((1, 2)).double()  # [B]
+            kl += float(seq_kl.sum())
+        per_seq.append(torch.stack([seq_nll, seq_correct, seq_kl,
+                                    torch.full_like(seq_nll, tgt.shape[1])], 1).numpy())  # fmt: skip
         argmaxes.append((am, logp.to(torch.bfloat16)) if keep_logp else am)
         if base_argmax is not None:
             agree += int((am == base_argmax[b]).sum())
@@ -248,7 +261,8 @@ def run_setting(model, batches, prefill, params, base_argmax=None, keep_trace=Fa
         if keep_trace:
             traces.append(torch.stack(hook.trace, dim=1))  # [D, L, B, k]
     name = "base" if params is None else describe(params)
-    r = Result(name, dsum / max(dn, 1), nll, cnt, agree, correct, kl, misses)
+    r = Result(name, dsum / max(dn, 1), nll, cnt, agree, correct, kl, misses,
+               per_seq=np.concatenate(per_seq) if per_seq else np.zeros((0, 4)))
     return r, argmaxes, traces
 
 
@@ -332,43 +346,94 @@ def bytes_reduction(r: Result, base: Result, K: int) -> Optional[float]:
     return 1 - r.misses[K] / base.misses[K]
 
 
+def paired_intervals(r: Result, base: Result, resamples: int = BOOTSTRAP,
+                     level: float = 0.95, seed: int = 0) -> dict:
+    """95 % intervals of Δppl (relative), Δ top-1 accuracy (points) and the KL, by a paired
+    bootstrap over sequences: the same sequences are drawn for the setting and the base, so
+    the spread is that of the per-sequence differences, not of the text.
+
+    The unit is the sequence (B per window): the policy sees the whole batch, so sequences of
+    one window are not fully independent, but a window-level bootstrap over 4 windows resolves
+    nothing. Returns {"ppl_rel_increase": [lo, hi], "accuracy_delta_points": [lo, hi], "kl":
+    [lo, hi]}.
+    """
+    a, b = r.per_seq, base.per_seq
+    if a.shape != b.shape or not np.array_equal(a[:, 3], b[:, 3]) or not len(a):
+        raise ValueError(f"{r.name}: not paired with the base (different sequences)")
+    n = len(a)
+    pick = np.random.default_rng(seed).integers(0, n, size=(resamples, n))  # [R, n]
+    count = a[:, 3][pick].sum(1)  # [R]
+    d_nll = (a[:, 0] - b[:, 0])[pick].sum(1) / count
+    d_acc = 100 * (a[:, 1] - b[:, 1])[pick].sum(1) / count
+    kl = a[:, 2][pick].sum(1) / count
+    q = [(1 - level) / 2, (1 + level) / 2]
+    return {"ppl_rel_increase": np.expm1(np.quantile(d_nll, q)).round(5).tolist(),
+            "accuracy_delta_points": np.quantile(d_acc, q).round(3).tolist(),
+            "kl": np.quantile(kl, q).round(6).tolist()}  # fmt: skip
+
+
+def gate_verdict(ci: dict) -> str:
+    """The quality gate (Δppl <= +0.5 %, Δacc >= -0.5 pt) read on the interval's bounds: "met"
+    when both intervals lie inside it, "failed" when either lies wholly outside, else
+    "unresolved" (the sample cannot tell; never reported as met)."""
+    (p_lo, p_hi), (a_lo, a_hi) = ci["ppl_rel_increase"], ci["accuracy_delta_points"]
+    gp, ga = GOAL["ppl_rel_increase"], GOAL["accuracy_delta_points"]
+    if p_lo > gp or a_hi < ga:
+        return "failed"
+    if p_hi <= gp and a_lo >= ga:
+        return "met"
+    return "unresolved"
+
+
 def point(r: Result, base: Result, E: int) -> dict:
     """One frontier point's JSON."""
+    ci = paired_intervals(r, base)
     out = {"setting": r.name, "line": r.line, "budget": r.budget,
            "distinct": round(r.distinct, 3), "expert_reduction": round(1 - r.distinct / base.distinct, 4),
            "ppl": round(r.ppl, 4), "ppl_rel_increase": round(r.ppl / base.ppl - 1, 5),
            "accuracy_delta_points": round(100 * (r.accuracy - base.accuracy), 3),
-           "kl": round(r.kl, 6), "agreement": round(r.agree / max(r.count, 1), 5)}  # fmt: skip
+           "kl": round(r.kl, 6), "agreement": round(r.agree / max(r.count, 1), 5),
+           "ci95": ci, "sequences": len(r.per_seq)}  # fmt: skip
     for f in FRACTIONS:
         red = bytes_reduction(r, base, E // f)
         out[f"bytes_reduction_e{f}"] = None if red is None else round(red, 4)
+    out["verdict"] = gate_verdict(ci)
     out["meets_quality"] = meets_quality(out)
     return out
 
 
 def meets_quality(pt: dict) -> bool:
-    """The issue's quality gate: Δppl <= +0.5 % and Δ top-1 accuracy >= -0.5 points."""
-    return (pt["ppl_rel_increase"] <= GOAL["ppl_rel_increase"]
-            and pt["accuracy_delta_points"] >= GOAL["accuracy_delta_points"])  # fmt: skip
+    """The quality gate met on the bound: Δppl <= +0.5 % and Δ top-1 accuracy >= -0.5 points
+    for the whole 95 % interval (a point estimate inside the gate is not enough)."""
+    return gate_verdict(pt["ci95"]) == "met"
 
 
 def print_table(batch: int, base: Result, rows: list[Result], E: Optional[int] = None) -> None:
-    hdr = (f"{'setting':<24}{'distinct':>9}{'reduct':>7}{'Δppl %':>8}{'acc %':>7}{'Δacc pt':>8}"
-           f"{'KL':>8}{'agree':>7}{'bytes-E/4':>10}{'bytes-E/2':>10}")  # fmt: skip
-    print(f"batch {batch}: {base.count} decode tokens (the bf16 row is the numerics floor; "
-          f"bytes: reduction vs selection off)")  # fmt: skip
+    hdr = (f"{'setting':<24}{'distinct':>9}{'reduct':>7}{'Δppl % [95 % CI]':>23}"
+           f"{'Δacc pt [95 % CI]':>22}{'KL':>8}{'agree':>7}{'bytes-E/4':>10}{'bytes-E/2':>10}"
+           f"  gate")  # fmt: skip
+    print(f"batch {batch}: {base.count} decode tokens in {len(base.per_seq)} sequences (the bf16 "
+          f"row is the numerics floor; bytes: reduction vs selection off; the gate Δppl <= "
+          f"+0.5 %, Δacc >= -0.5 pt is read on the interval's bounds)")  # fmt: skip
     print(hdr)
     print("-" * len(hdr))
     for r in [base] + rows:
         red = 1 - r.distinct / base.distinct
         dp = 100 * (r.ppl / base.ppl - 1)
         da = 100 * (r.accuracy - base.accuracy)
+        if r is base:
+            q, verdict = f"{dp:>+8.2f}{'':15}{da:>+8.2f}{'':14}", ""
+        else:
+            ci = paired_intervals(r, base)
+            (pl, ph), (al, ah) = ci["ppl_rel_increase"], ci["accuracy_delta_points"]
+            q = f"{dp:>+8.2f}{f'[{100 * pl:+.2f},{100 * ph:+.2f}]':>15}{da:>+8.2f}{f'[{al:+.2f},{ah:+.2f}]':>14}"
+            verdict = gate_verdict(ci)
         cells = ""
         for f in FRACTIONS:
             b = bytes_reduction(r, base, E // f) if E else None
             cells += f"{'' if b is None else f'{b:.3f}':>10}"
-        print(f"{r.name[:24]:<24}{r.distinct:>9.2f}{red:>7.3f}{dp:>+8.2f}"
-              f"{100 * r.accuracy:>7.2f}{da:>+8.2f}{r.kl:>8.4f}{r.agree / r.count:>7.3f}{cells}")
+        print(f"{r.name[:24]:<24}{r.distinct:>9.2f}{red:>7.3f}{q}{r.kl:>8.4f}"
+              f"{r.agree / r.count:>7.3f}{cells}  {verdict}")
 
 
 DEFAULT_BUDGETS = "0.9,0.8,0.7,0.6,0.5,0.4"
@@ -450,7 +515,8 @@ def run_one(model, model_name: str, text: str, B: int, args, settings: list[Sett
             "distinct_base": round(base.distinct, 3), "ppl_base": round(base.ppl, 4),
             "accuracy_base": round(base.accuracy, 5),
             "misses_base": {str(K): m for K, m in base.misses.items()},
-            "floor": {k: fl[k] for k in ("ppl_rel_increase", "accuracy_delta_points", "kl", "agreement")},
+            "floor": {k: fl[k] for k in ("ppl_rel_increase", "accuracy_delta_points", "kl", "agreement", "ci95")},
+            "sequences": len(base.per_seq),
             "points": points, "goals": goal_status(points)}  # fmt: skip
 
 
@@ -515,7 +581,7 @@ def main(argv=None) -> dict:
            "batch": first["batch"], "model": first["model"], "text": first["text"],
            "setting": d["setting"], "expert_reduction": d["expert_reduction"],
            "ppl_rel_increase": d["ppl_rel_increase"], "accuracy_delta_points": d["accuracy_delta_points"],
-           "kl": d["kl"], "agreement": d["agreement"],
+           "kl": d["kl"], "agreement": d["agreement"], "ci95": d["ci95"], "verdict": d["verdict"],
            "agreement_bf16_floor": first["floor"]["agreement"]}  # fmt: skip
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

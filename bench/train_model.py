@@ -6,6 +6,12 @@ Steps: split the corpus (fixed, path-hashed), train a byte-level BPE tokenizer w
 train the model with a router load-balancing loss (AdamW, warm-up + cosine by wall-clock
 progress so it fits a time budget on 2 CPU cores), then write config.json, model.safetensors
 (bf16), the tokenizer files and heldout.txt. Prints a progress bar and a final JSON line.
+
+Balancing: ``--balance batch`` is the Switch loss E * sum_e f_e * P_e on each batch;
+``--balance global`` takes the expert frequencies f_e over the last ``--balance-window`` batches
+(Qwen3's global-batch balancing: a larger, more varied token set balances the load without
+forcing every batch to spread, which leaves experts room to specialise), with P_e from the
+batch itself, so the gradient is the same kind of push, against load seen over a long window.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import argparse
 import json
 import math
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -74,6 +81,24 @@ def encode(tok, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+class GlobalBalance:
+    """Switch-style loss with each layer's expert frequencies f_e over the last ``window`` batches."""
+
+    def __init__(self, layers: int, experts: int, window: int):
+        self.E = experts
+        self.counts = [deque(maxlen=window) for _ in range(layers)]
+
+    def __call__(self, router_logits: list[torch.Tensor], topk_ids: list[torch.Tensor]) -> torch.Tensor:
+        total = router_logits[0].new_zeros((), dtype=torch.float32)
+        for hist, logits, ids in zip(self.counts, router_logits, topk_ids):
+            hist.append(torch.bincount(ids.reshape(-1), minlength=self.E).float())
+            f = torch.stack(tuple(hist)).sum(0)
+            f = f / f.sum()  # [E], no gradient: counts of the recent window
+            p = torch.softmax(logits.float().reshape(-1, self.E), dim=-1).mean(0)  # [E]
+            total = total + self.E * (f * p).sum()
+        return total / len(self.counts)
+
+
 def lr_at(progress: float, peak: float, warmup: float = 0.03) -> float:
     if progress < warmup:
         return peak * progress / warmup
@@ -97,6 +122,19 @@ def evaluate(model: MoEModel, data: torch.Tensor, seq: int, batch: int, max_batc
     return tot / max(cnt, 1)
 
 
+@torch.no_grad()
+def distinct_experts_at_batch(model: MoEModel, data: torch.Tensor, seq: int, batch: int) -> float:
+    """Mean distinct experts per layer over the tokens of one position of ``batch`` held-out
+    sequences: what one decode step of that batch touches (teacher-forced)."""
+    model.eval()
+    x = data[: batch * seq].view(batch, seq)
+    ids = torch.stack(model(x).topk_ids)  # [L, B, S, k]
+    E = model.config.num_experts
+    onehot = torch.zeros(*ids.shape[:3], E).scatter_(-1, ids, 1.0)  # [L, B, S, E]
+    model.train()
+    return float(onehot.amax(1).sum(-1).mean())
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="lynx_sglang/data/lynx-moe-tiny")
@@ -112,6 +150,9 @@ def main(argv=None) -> None:
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--expert-width", type=int, default=128)
     ap.add_argument("--aux-coef", type=float, default=0.01)
+    ap.add_argument("--balance", choices=("batch", "global"), default="batch",
+                    help="expert frequencies of the balancing loss: this batch, or a window")
+    ap.add_argument("--balance-window", type=int, default=64, help="batches, with --balance global")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--heldout-chars", type=int, default=400_000)
@@ -137,6 +178,7 @@ def main(argv=None) -> None:
         bos_token_id=tok.token_to_id("<s>"), eos_token_id=tok.token_to_id("</s>"),
     )
     model = MoEModel(cfg)
+    balance = GlobalBalance(args.layers, args.experts, args.balance_window) if args.balance == "global" else None
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     n_seq = (train_ids.numel() - 1) // args.seq
@@ -159,7 +201,8 @@ def main(argv=None) -> None:
         y = torch.stack([train_ids[s + 1 : s + args.seq + 1] for s in starts.tolist()])
         o = model(x)
         ce = torch.nn.functional.cross_entropy(o.logits.reshape(-1, cfg.vocab_size), y.reshape(-1))
-        loss = ce + args.aux_coef * o.aux_loss
+        aux = o.aux_loss if balance is None else balance(o.router_logits, o.topk_ids)
+        loss = ce + args.aux_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -171,18 +214,21 @@ def main(argv=None) -> None:
         pct = min(100.0, progress * 100)
         bar.update(pct - last_pct)
         last_pct = pct
-        bar.set_postfix_str(f"step {step} loss {ema:.3f} aux {float(o.aux_loss.detach()):.3f} tok/s {tokens/(time.time()-start):.0f}")
+        bar.set_postfix_str(f"step {step} loss {ema:.3f} aux {float(aux.detach()):.3f} tok/s {tokens/(time.time()-start):.0f}")
     bar.close()
     train_s = time.time() - start
     held_nll = evaluate(model, held_ids, args.seq, args.batch, max_batches=8)
     uni = unigram_cross_entropy(train_ids, held_ids, cfg.vocab_size)
+    distinct = distinct_experts_at_batch(model, held_ids, args.seq, 16)
     model.save_pretrained(out)
     size = (out / "model.safetensors").stat().st_size
     result = {
         "params": n_params, "steps": step, "train_tokens": tokens, "train_seconds": round(train_s),
         "tokens_per_s": round(tokens / train_s), "heldout_ppl": round(math.exp(held_nll), 3),
-        "unigram_ppl": round(math.exp(uni), 1), "safetensors_mb": round(size / 2**20, 1),
-        "threads": torch.get_num_threads(), "config": {k: getattr(cfg, k) for k in (
+        "unigram_ppl": round(math.exp(uni), 1),
+        "distinct_experts_b16": round(distinct, 1), "safetensors_mb": round(size / 2**20, 1),
+        "threads": torch.get_num_threads(), "aux_coef": args.aux_coef, "balance": args.balance,
+        "balance_window": args.balance_window if balance is not None else None, "config": {k: getattr(cfg, k) for k in (
             "vocab_size", "hidden_size", "num_hidden_layers", "num_experts", "num_experts_per_tok",
             "moe_intermediate_size")},
     }

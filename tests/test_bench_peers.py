@@ -188,3 +188,28 @@ def test_capture_cap_is_sglangs_rule():
     method = (SGLANG_PAGED / "method.py").read_text()
     assert "max(1, num_resident // _router_top_k(layer))" in method
     assert "topk_ids.numel() <= self.num_resident" in method
+
+
+def test_counters_recorded_with_sglang_are_served_where_it_is_absent(tmp_path):
+    """The GPU machine has no SGLang: it gets the counters a run with SGLang recorded for the very
+    same routing, labelled as recorded, and nothing (the row absent) for any other routing."""
+    from bench.peers import PeerCounts
+
+    trace, other = random_trace(seed=3), random_trace(seed=4)
+    record = tmp_path / "counts.npz"
+    live = PeerCounts(tmp_path / "none.npz", write_to=record)
+    assert live.live
+    counts, plan_us, source = live.get(trace, 16, 6)
+    assert np.array_equal(counts, replay_sglang_paged(trace, 16, 6)) and plan_us > 0
+    assert "own residency code" in source
+    live.save()
+
+    absent = PeerCounts(record)
+    absent.live = False  # as on a machine where find_spec("sglang") is None
+    got = absent.get(trace, 16, 6)
+    assert got is not None and np.array_equal(got[0], counts) and got[0].dtype == np.int64
+    assert got[1] == pytest.approx(plan_us) and got[2].startswith("recorded by a run with SGLang")
+    assert absent.get(other, 16, 6) is None  # another routing: never estimated
+    assert absent.get(trace, 16, 5) is None  # another slot count
+    absent.save()  # replayed nothing: the record is left as it was
+    assert set(np.load(record).files) == set(live.recorded)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from bench import compare_offload
+from bench import compare_offload, quality
 from lynx_sglang import SHIPPED_MODEL
 
 pytestmark = pytest.mark.skipif(
@@ -38,19 +38,31 @@ def rows_of(res: dict, system: str, batch: int) -> list[dict]:
     return [r for r in res["rows"] if r["system"] == system and r["batch"] == batch]
 
 
-def test_last_stdout_line_is_the_json(result):
+def test_last_stdout_line_is_compact_json_naming_the_full_results(result):
     res, stdout = result
-    last = json.loads(stdout.strip().splitlines()[-1])
-    for key in (
-        "measured",
-        "device",
-        "rows",
-        "speedup_lynx_offload_vs_offload",
-        "hardware",
-        "by_shape",
-    ):
-        assert key in last
-    assert last["rows"] == json.loads(json.dumps(res["rows"]))
+    line = stdout.strip().splitlines()[-1]
+    last = json.loads(line)
+    assert len(line.encode()) <= 2048
+    assert last["measured"] is False and last["rows"] == len(res["rows"])
+    assert set(last["product"]) == set(res["speedup_lynx_offload_vs_offload"])
+    full = json.loads(open(last["out"]).read())
+    for key in ("measured", "device", "rows", "speedup_lynx_offload_vs_offload", "hardware",
+                "by_shape"):  # fmt: skip
+        assert key in full
+    assert full["rows"] == json.loads(json.dumps(res["rows"]))
+
+
+def test_quality_carries_intervals_and_the_gate_is_read_on_the_bound(result):
+    res, _ = result
+    sel = [r for r in res["rows"] if r["status"] == "ok" and r["ci95"]]
+    assert sel
+    for r in sel:
+        (lo, hi) = r["ci95"]["ppl_rel_increase"]
+        assert lo <= r["ppl_rel_increase"] + 1e-9 and r["ppl_rel_increase"] <= hi + 1e-9
+        assert r["quality_verdict"] == quality.gate_verdict(r["ci95"])
+        assert compare_offload.meets_goal(r) == (r["quality_verdict"] == "met")
+    for p in res["product"].values():
+        assert p["meets_quality_goal"] == (p["quality_verdict"] in ("met", "exact"))
 
 
 def test_every_row_has_the_fields_and_cpu_times_are_projected(result):

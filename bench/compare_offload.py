@@ -5,7 +5,7 @@
 Systems, at each batch size B and each K (GPU slots per MoE layer, a fraction of E):
   resident          every expert on the GPU (the speed ceiling)
   offload (ours)    the expert cache, selection off, at its best eviction x prefetch (baseline)
-  offload: peers    SGLang --enable-paged-experts, HF accelerate CPU offload (GPU only)
+  offload: peers    SGLang --enable-paged-experts, HF accelerate CPU offload (its own placement)
   lynx              batch-aware selection, every expert resident
   lynx+offload      the product: selection in front of the cache, with and without cache-aware
                     selection (+aware: a score bonus; +miss: miss-aware, the budget on the
@@ -23,8 +23,9 @@ bench/quality.py's measurement, which propagates the changed routing through the
 Times: on a GPU every time is measured (CUDA events, warm-up, median of repeats, same run) over
 the traced model's MoE layers at the chosen expert size. On a CPU-only machine the counters
 (distinct experts, hits, misses, prefetches, bytes) are exact and every time is projected from
-them with the model in bench/projection.py, labelled "projected"; peers that cannot run on a CPU
-are shown as "needs GPU". SGLang's paged experts is replayed through its own code where SGLang is
+them with the model in bench/projection.py, labelled "projected". accelerate's CPU offload is placed
+by its own infer_auto_device_map (on meta tensors on a CPU): an offloaded layer copies all its
+experts at every step, so its counters are exact too; on a GPU it is run and timed. SGLang's paged experts is replayed through its own code where SGLang is
 installed, and its counters recorded (--out-dir/sglang_paged_counts.npz); where it is not (the GPU
 machine), the counters recorded for the same routing are used, labelled, or the row is absent. Other expert sizes reuse the same counters (labelled). Per row:
 decode_ms_per_step is each sequence's time per token, ms_per_token the step over B. The
@@ -339,28 +340,69 @@ def _distinct_of(R: Routing, setup: Setup, pre: dict) -> np.ndarray:
     return hit[..., :E].sum(-1).reshape(W * D, L).cpu().numpy()
 
 
+class _AccelExperts(torch.nn.Module):
+    """One MoE layer's experts as one module: the unit accelerate places (GPU or host)."""
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
+        super().__init__()
+        self.w13 = torch.nn.Parameter(w13, requires_grad=False)  # [E, 2I, H]
+        self.w2 = torch.nn.Parameter(w2, requires_grad=False)  # [E, H, I]
+
+    def forward(self, x, ids, wts):
+        return experts_forward(x, self.w13, self.w2, ids, wts)
+
+
+def accelerate_plan(layers: torch.nn.ModuleList, slots: int) -> tuple[dict, list[int]]:
+    """accelerate's own ``infer_auto_device_map`` at a GPU budget of ``slots`` experts per layer:
+    (its device map, the layers it leaves in host memory). Runs on meta tensors too, so the CPU
+    run computes the same placement the GPU run measures."""
+    from accelerate import infer_auto_device_map
+
+    L, E = len(layers), layers[0].w13.shape[0]
+    budget = slots * L * (layers[0].w13[0].numel() + layers[0].w2[0].numel()) * 2  # bf16 bytes
+    mem = {0: budget, "cpu": 2 * budget * E // slots}
+    dmap = infer_auto_device_map(layers, max_memory=mem, no_split_module_classes=["_AccelExperts"])
+    offloaded = [i for i in range(L) if dmap.get(str(i), dmap.get("")) in ("cpu", "disk")]
+    return dmap, offloaded
+
+
+def accelerate_counts(R: Routing, offloaded: list[int], warmup: int) -> np.ndarray:
+    """Exact counters of accelerate's CPU offload: a GPU layer hits every expert it needs; an
+    offloaded layer's hooks copy the whole module, all E experts, at every step."""
+    W, D, L, B, E = R.logits.shape
+    counts = np.zeros((W * D, L, 5), dtype=np.int64)
+    counts[..., DISTINCT] = _distinct_of(R, Setup("", None), {})
+    counts[..., HITS] = counts[..., DISTINCT]
+    counts[:, offloaded, HITS] = 0
+    counts[:, offloaded, MISSES] = E
+    return counts[warmup:]
+
+
+def plan_accelerate(R: Routing, shape: Shape, slots: int, warmup: int) -> Run:
+    """accelerate's CPU offload on a CPU machine: its own placement on meta tensors of the real
+    expert size, exact counters (times projected from them like every other row)."""
+    W, D, L, B, E = R.logits.shape
+    with torch.device("meta"):
+        layers = torch.nn.ModuleList(
+            _AccelExperts(torch.empty(E, 2 * shape.inter, shape.hidden, dtype=torch.bfloat16),
+                          torch.empty(E, shape.hidden, shape.inter, dtype=torch.bfloat16))
+            for _ in range(L))  # fmt: skip
+    _, offloaded = accelerate_plan(layers, slots)
+    setup = Setup(ACCEL_PEER, slots, prefetch=f"device_map: {L - len(offloaded)}/{L} on GPU")
+    return Run(setup, accelerate_counts(R, offloaded, warmup), None, path="eager (hooks)")
+
+
 def measure_accelerate(R: Routing, gpu: Gpu, slots: int, warmup: int) -> Run:
     """HF accelerate's CPU offload of the same expert weights at the same GPU budget (GPU only).
 
     accelerate places whole modules: the layers that fit ``slots * L`` experts' bytes stay on
     the GPU, the others stay in host memory and are copied in at every forward (its hooks).
     """
-    from accelerate import dispatch_model, infer_auto_device_map
-
-    class Experts(torch.nn.Module):
-        def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
-            super().__init__()
-            self.w13 = torch.nn.Parameter(w13, requires_grad=False)  # [E, 2I, H]
-            self.w2 = torch.nn.Parameter(w2, requires_grad=False)  # [E, H, I]
-
-        def forward(self, x, ids, wts):
-            return experts_forward(x, self.w13, self.w2, ids, wts)
+    from accelerate import dispatch_model
 
     W, D, L, B, E = R.logits.shape
-    layers = torch.nn.ModuleList(Experts(gpu.w13[i], gpu.w2[i]) for i in range(L))
-    budget = slots * L * (gpu.w13[0, 0].numel() + gpu.w2[0, 0].numel()) * 2
-    mem = {0: budget, "cpu": 2 * budget * E // slots}
-    dmap = infer_auto_device_map(layers, max_memory=mem, no_split_module_classes=["Experts"])
+    layers = torch.nn.ModuleList(_AccelExperts(gpu.w13[i], gpu.w2[i]) for i in range(L))
+    dmap, offloaded = accelerate_plan(layers, slots)
     torch.cuda.empty_cache()
     base_mem = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -378,17 +420,11 @@ def measure_accelerate(R: Routing, gpu: Gpu, slots: int, warmup: int) -> Run:
                 events[-1][1].record()
         torch.cuda.synchronize()
         times.append(statistics.fmean(s.elapsed_time(e) for s, e in events))
-    offloaded = [i for i in range(L) if dmap.get(str(i), dmap.get("")) in ("cpu", "disk")]
     setup = Setup(ACCEL_PEER, slots, prefetch=f"device_map: {L - len(offloaded)}/{L} on GPU")
-    counts = np.zeros((W * D, L, 5), dtype=np.int64)
-    counts[..., DISTINCT] = _distinct_of(R, Setup("", None), {})
-    counts[..., HITS] = counts[..., DISTINCT]
-    counts[:, offloaded, HITS] = 0
-    counts[:, offloaded, MISSES] = E  # every expert of an offloaded layer moves at every step
     peak = torch.cuda.max_memory_allocated() - base_mem
     del layers
     torch.cuda.empty_cache()
-    return Run(setup, counts[warmup:], None, statistics.median(times), peak)
+    return Run(setup, accelerate_counts(R, offloaded, warmup), None, statistics.median(times), peak)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -664,7 +700,8 @@ class Bench:
     def peers(self, ctx: dict, K: int, exact: dict, lynx_q: dict) -> list[dict]:
         """SGLang's paged experts replayed through its own residency code (exact counters; its
         CUDA-graph capture cap applied), alone and under Lynx; Belady's MIN on the same traces
-        (the limit no eviction policy can beat); accelerate offload (measured on a GPU only)."""
+        (the limit no eviction policy can beat); accelerate's CPU offload (its own placement:
+        exact counters here, measured on a GPU)."""
         B, E, shape, warmup = ctx["B"], self.E, self.shape, ctx["warmup"]
         R, sel = ctx["R"], ctx["pre"]["lynx"]
         W, D, L = R.ids.shape[:3]
@@ -696,10 +733,10 @@ class Bench:
             setup = Setup(name, K, lynx=name == MIN_LYNX, eviction="MIN")
             run = Run(setup, peers.replay_belady(flat, E, K)[warmup:], None, path="bound")
             out.append(self.row(run, B, q))
-        if self.gpu is None:
-            return out + [peer_row(ACCEL_PEER, B, K, E, shape, "needs GPU")]
         try:
-            return out + [self.row(measure_accelerate(R, self.gpu, K, warmup), B, exact)]
+            run = (plan_accelerate(R, shape, K, warmup) if self.gpu is None
+                   else measure_accelerate(R, self.gpu, K, warmup))  # fmt: skip
+            return out + [self.row(run, B, exact)]
         except Exception as e:  # report, never estimate
             return out + [peer_row(ACCEL_PEER, B, K, E, shape, f"failed: {type(e).__name__}: {e}")]
 

@@ -542,6 +542,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--progress", action="store_true", help="print each setting's time")
     ap.add_argument("--replot", default="", help="only redraw the PNGs of a frontier JSON")
+    ap.add_argument("--add-runs", default="",
+                    help="a frontier JSON of the same lines, budgets and windows (e.g. another "
+                         "model, measured apart): its runs come first in this one")
     args = ap.parse_args(argv)
     if args.replot:
         return replot(Path(args.replot))
@@ -563,7 +566,7 @@ def main(argv=None) -> dict:
                     for st in settings]  # fmt: skip
     settings.append(Setting("default", DEFAULT))  # the recommended setting, wherever it lies
     args.model_dir = {Path(m).name: (m if "/" in m else str(SHIPPED_MODEL.parent / m)) for m in args.models}
-    runs = []
+    runs = earlier_runs(Path(args.add_runs), args, budgets) if args.add_runs else []
     for name, path in args.model_dir.items():
         model = MoEModel.from_pretrained(Path(path))
         for text in args.texts:
@@ -597,6 +600,21 @@ def main(argv=None) -> dict:
     (out_dir / f"{args.name}.json").write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({k: v for k, v in out.items() if k != "runs"}))
     return out
+
+
+def earlier_runs(path: Path, args, budgets: list[float]) -> list[dict]:
+    """The runs of an earlier frontier JSON, refused in one line unless it was measured the
+    same way (lines, budgets, windows, warm-up) and holds none of this run's models."""
+    old = json.loads(path.read_text())
+    same = {"lines": args.lines, "budgets": budgets, "prefill": args.prefill,
+            "decode": args.decode, "warmup_steps": args.warmup}  # fmt: skip
+    diff = [k for k, v in same.items() if old.get(k) != v]
+    if diff:
+        raise SystemExit(f"--add-runs {path}: measured with other {', '.join(diff)}")
+    clash = {r["model"] for r in old["runs"]} & set(args.model_dir)
+    if clash:
+        raise SystemExit(f"--add-runs {path}: already has {', '.join(sorted(clash))}")
+    return old["runs"]
 
 
 def replot(path: Path) -> dict:

@@ -127,3 +127,47 @@ def test_out_of_domain_prose_is_shipped_and_not_in_the_training_split():
     assert not any(w in train or w in held for w in windows)
     ids = quality.load_heldout_ids(SHIPPED_MODEL, "prose")
     assert ids.numel() > 10_000
+
+
+def test_per_sequence_sums_add_up_to_the_totals(setup):
+    model, batches = setup
+    base, (row,), _, _ = quality.evaluate(model, batches, 16, [SelectionParams(budget=0.5)])
+    for r in (base, row):
+        nll, correct, kl, tokens = r.per_seq.sum(0)
+        assert len(r.per_seq) == sum(len(x) for x in batches)
+        assert nll == pytest.approx(r.nll_sum, rel=1e-9) and correct == r.correct
+        assert tokens == r.count and kl == pytest.approx(r.kl_sum, rel=1e-6, abs=1e-9)
+
+
+def test_paired_intervals_hold_the_estimate_and_vanish_for_an_identical_setting(setup):
+    model, batches = setup
+    base, (same, cut), _, _ = quality.evaluate(
+        model, batches, 16, [SelectionParams(budget=1.0), SelectionParams(budget=0.4)]
+    )
+    zero = quality.paired_intervals(same, base)
+    assert zero["ppl_rel_increase"] == [0.0, 0.0] and zero["accuracy_delta_points"] == [0.0, 0.0]
+    ci = quality.paired_intervals(cut, base)
+    lo, hi = ci["ppl_rel_increase"]
+    assert lo < cut.ppl / base.ppl - 1 < hi
+    lo, hi = ci["accuracy_delta_points"]
+    assert lo <= 100 * (cut.accuracy - base.accuracy) <= hi
+    assert ci == quality.paired_intervals(cut, base)  # seeded: the same run, the same interval
+    with pytest.raises(ValueError, match="not paired"):
+        quality.paired_intervals(replace(cut, per_seq=cut.per_seq[:-1]), base)
+
+
+@pytest.mark.parametrize(
+    "ppl, acc, verdict",
+    [
+        ((0.001, 0.004), (-0.2, 0.3), "met"),
+        ((-0.002, 0.005), (-0.5, 0.1), "met"),  # bounds on the gate count as inside
+        ((0.001, 0.007), (-0.2, 0.3), "unresolved"),  # the estimate may be inside: not met
+        ((0.001, 0.004), (-0.8, 0.3), "unresolved"),
+        ((0.006, 0.012), (-0.2, 0.3), "failed"),
+        ((0.001, 0.004), (-1.2, -0.6), "failed"),
+    ],
+)
+def test_the_gate_is_read_on_the_bound(ppl, acc, verdict):
+    ci = {"ppl_rel_increase": list(ppl), "accuracy_delta_points": list(acc), "kl": [0, 0]}
+    assert quality.gate_verdict(ci) == verdict
+    assert quality.meets_quality({"ci95": ci}) == (verdict == "met")

@@ -86,7 +86,7 @@ VARIANTS = {
 }
 BUDGET_VARIANTS = ("lynx+offload", "lynx+offload +miss", "lynx+offload (no cap)",
                    "lynx+offload +miss (no cap)")  # fmt: skip
-QUICK = dict(prefill=24, decode=16, warmup=4, max_batches=1, k_fractions="0.25,0.5",
+QUICK = dict(prefill=24, decode=16, warmup=4, max_batches=1, quality_windows=1, k_fractions="0.25,0.5",
              evictions="lfu,score", prefetches="cross-layer", budgets="")  # fmt: skip
 DISTINCT, HITS, MISSES, PREFETCHED, WAVES = range(5)  # Run.counts columns
 
@@ -544,7 +544,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--prefill", type=int, default=64)
     add("--decode", type=int, default=64, help="decode steps per window")
     add("--warmup", type=int, default=8, help="first decode steps not counted (cache warm-up)")
-    add("--max-batches", type=int, default=2, help="windows of B sequences per batch size")
+    add("--max-batches", type=int, default=4,
+        help="windows of B sequences per batch size: replayed, and the quality sample of the "
+             "rows whose selection reads the cache (+aware, +miss)")
+    add("--quality-windows", type=int, default=12,
+        help="windows of the quality sample of every other selection row (at least the replayed)")
     add("--evictions", default="lru,lfu,score")
     add("--prefetches", default="cross-layer", help="prefetch modes swept besides off")
     add("--budget", type=float, default=quality.DEFAULT.budget, help="the Lynx budget")
@@ -655,13 +659,20 @@ class Bench:
             print(f"batch {B}: held-out text too short, skipped")
             return
         base, base_am, _ = quality.run_setting(model, wins, P, None)
+        # quality of rows that do not depend on the cache: a larger sample of the same text
+        # (the replayed windows first), so that its interval can resolve the gate
+        qwins = quality.make_batches(self.heldout, B, P + args.decode,
+                                     max(args.quality_windows, len(wins)))  # fmt: skip
+        qbase, qbase_am, _ = (base, base_am, None) if len(qwins) == len(wins) else \
+            quality.run_setting(model, qwins, P, None)  # fmt: skip
         R = collect_routing(model, wins, P, self.keep_hidden)
         warmup = min(args.warmup, R.ids.shape[0] * R.ids.shape[1] - 1)
         if self.gpu is not None:
             R = R.to(self.device)
             self.gpu.x = _gpu_x(R, self.gpu, args.shape == "shipped")
         exact = quality_cost(None, base, "exact (selection off; the cache is lossless)")
-        ctx = dict(B=B, R=R, wins=wins, base=base, base_am=base_am, warmup=warmup)
+        ctx = dict(B=B, R=R, wins=wins, base=base, base_am=base_am, warmup=warmup, qwins=qwins,
+                   qbase=qbase, qbase_am=qbase_am)  # fmt: skip
         lynx = self.selection(ctx, self.params)
         ctx.update(pre=lynx["pre"], params=self.params)
         self.rows.append(self.row(self.replay(ctx, Setup("resident", None)), B, exact))
@@ -688,9 +699,9 @@ class Bench:
     def selection(self, ctx: dict, params: SelectionParams) -> dict:
         """A Lynx setting at this batch: its quality (bench/quality.py) and its routing."""
         R = ctx["R"]
-        lyn, _, _ = quality.run_setting(self.model, ctx["wins"], self.args.prefill, params, ctx["base_am"])  # fmt: skip
+        lyn, _, _ = quality.run_setting(self.model, ctx["qwins"], self.args.prefill, params, ctx["qbase_am"])  # fmt: skip
         sel = select_experts_ref(R.logits, R.ids, R.weights, params)
-        q = quality_cost(lyn, ctx["base"], "bench/quality.py at this batch")
+        q = quality_cost(lyn, ctx["qbase"], "bench/quality.py at this batch")
         return {"params": params, "q": q, "pre": {"lynx": sel}}
 
     def replay(self, ctx: dict, setup: Setup, params: SelectionParams | None = None) -> Run:
@@ -764,9 +775,9 @@ class Bench:
                 q = quality_cost(r, ctx["base"], "bench/quality.py measure; selection sees the "
                                  "resident masks of this replay")  # fmt: skip
             elif ran is not p:
-                r, _, _ = quality.run_setting(self.model, ctx["wins"], self.args.prefill, ran,
-                                              ctx["base_am"])  # fmt: skip
-                q = quality_cost(r, ctx["base"], "bench/quality.py at this batch, kept set "
+                r, _, _ = quality.run_setting(self.model, ctx["qwins"], self.args.prefill, ran,
+                                              ctx["qbase_am"])  # fmt: skip
+                q = quality_cost(r, ctx["qbase"], "bench/quality.py at this batch, kept set "
                                  "capped at K (captured steps)")  # fmt: skip
             self.rows.append(self.row(best, B, q, sweep))
 

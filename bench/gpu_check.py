@@ -52,7 +52,8 @@ class Check:
 
 SMOKE_S = 60.0
 CO_SLICE = ("--batches", "1,16", "--k-fractions", "0.25", "--prefill", "16", "--decode", "12",
-            "--warmup", "2", "--max-batches", "1", "--evictions", "lru", "--budgets=")  # fmt: skip
+            "--warmup", "2", "--max-batches", "1", "--quality-windows", "1", "--evictions", "lru",
+            "--budgets=")  # fmt: skip
 CHECKS = (
     Check("smoke", (PY, "-m", "bench.gpu_smoke", "--out", "{out}/smoke.json"),
           (PY, "-m", "bench.gpu_smoke", "--out", "{out}/smoke.json"), 0.0),

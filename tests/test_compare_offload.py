@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(
 # Two batch sizes, one K, one eviction, a dozen decode steps: the whole pipeline in seconds.
 SLICE = (
     "--batches 1,16 --k-fractions 0.25 --prefill 16 --decode 12 --warmup 2 --max-batches 1 "
+    "--quality-windows 2 "
     "--evictions lru --prefetches cross-layer --budgets= --no-plot --name test"
 ).split()
 
@@ -53,9 +54,14 @@ def test_last_stdout_line_is_compact_json_naming_the_full_results(result):
 
 
 def test_quality_carries_intervals_and_the_gate_is_read_on_the_bound(result):
+    """Rows whose selection reads the cache are measured on the replayed windows (1 here), the
+    others on the larger quality sample (2 windows)."""
     res, _ = result
     sel = [r for r in res["rows"] if r["status"] == "ok" and r["ci95"]]
     assert sel
+    for r in sel:
+        reads_cache = "resident masks" in r["quality_source"]
+        assert r["quality_sequences"] == r["batch"] * (1 if reads_cache else 2)
     for r in sel:
         (lo, hi) = r["ci95"]["ppl_rel_increase"]
         assert lo <= r["ppl_rel_increase"] + 1e-9 and r["ppl_rel_increase"] <= hi + 1e-9

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import math
 import platform
 import statistics
@@ -361,7 +362,14 @@ def accelerate_plan(layers: torch.nn.ModuleList, slots: int) -> tuple[dict, list
     L, E = len(layers), layers[0].w13.shape[0]
     budget = slots * L * (layers[0].w13[0].numel() + layers[0].w2[0].numel()) * 2  # bf16 bytes
     mem = {0: budget, "cpu": 2 * budget * E // slots}
-    dmap = infer_auto_device_map(layers, max_memory=mem, no_split_module_classes=["_AccelExperts"])
+    log = logging.getLogger("accelerate.utils.modeling")  # "Device 0 is not available" on a CPU
+    level = log.level
+    log.setLevel(logging.ERROR if not torch.cuda.is_available() else level)
+    try:
+        dmap = infer_auto_device_map(layers, max_memory=mem,
+                                     no_split_module_classes=["_AccelExperts"])  # fmt: skip
+    finally:
+        log.setLevel(level)
     offloaded = [i for i in range(L) if dmap.get(str(i), dmap.get("")) in ("cpu", "disk")]
     return dmap, offloaded
 

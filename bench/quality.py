@@ -629,7 +629,7 @@ def replot(path: Path) -> dict:
 
 def print_goals(runs: list[dict]) -> None:
     """One line per run and goal: the best reduction inside the quality gate and its policy."""
-    print("goals (inside Δppl <= +0.5 % and Δacc >= -0.5 pt):")
+    print("goals (the gate Δppl <= +0.5 % and Δacc >= -0.5 pt met on the 95 % bound):")
     for r in runs:
         for key, g in r["goals"].items():
             b = g["best_within_quality"]

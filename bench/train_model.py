@@ -1,6 +1,8 @@
-"""Train the shipped model: a small Qwen3-MoE (64 experts, top-8) on the Python stdlib's source.
+"""Train the shipped models: small Qwen3-MoEs on the Python standard library's source.
 
     python -m bench.train_model --out lynx_sglang/data/lynx-moe-tiny --minutes 25
+    python -m bench.train_model --out lynx_sglang/data/lynx-moe-e128 --minutes 55 --threads 1 \
+        --hidden 128 --experts 128 --expert-width 24 --aux-coef 0.001 --balance global
 
 Steps: split the corpus (fixed, path-hashed), train a byte-level BPE tokenizer with `tokenizers`,
 train the model with a router load-balancing loss (AdamW, warm-up + cosine by wall-clock

@@ -10,14 +10,15 @@ held-out text). Per model and target:
            per layer-step;
   bytes    miss-aware selection in front of a cache of K = E/2 slots per layer (the budget
            applies to the experts a step would copy): maximise the reduction of host->GPU bytes.
-Search (on the calibration split only): each layer alone is measured at every budget of
-``--grid`` (the others keep all their experts): its reduction and its Δ log-likelihood. Moves
-(one layer one notch down the grid) are then taken greedily by reduction gained per perplexity
-spent, while the sum of the layers' costs stays inside ``--margin`` of the gate; the combination is measured
-on the calibration split and, while its 95 % interval is not inside the gate (Δppl <= +0.5 %,
-Δacc >= -0.5 pt), the last move is undone. The preset is then measured once on the evaluation
-split, and on out-of-domain prose, beside the uncalibrated default and the best single budget
-(chosen on the calibration split the same way), all with intervals and the gate's verdict.
+Search (on the calibration split only): each layer alone is measured down ``--grid`` (the
+others keep all their experts) until its perplexity cost leaves the gate: its reduction and its
+Δ log-likelihood. Moves (one layer one notch down) are then taken greedily by reduction gained
+per perplexity spent, while the layers' summed cost stays inside ``--margin`` of the gate; the
+combination is measured and, while its 95 % interval is not inside the gate (Δppl <= +0.5 %,
+Δacc >= -0.5 pt), the last move is undone. A single budget for every layer is measured too (down
+the grid until it leaves the gate); the preset is the better of the two on the calibration split.
+It is then measured once on the evaluation split, and on out-of-domain prose, beside the
+uncalibrated default and the best single budget, all with intervals and the gate's verdict.
 Writes ``<out-dir>/calibrate.json``; the last line is compact JSON.
 """
 
@@ -83,12 +84,18 @@ def calibrate(cal: Split, target: str, L: int, grid: list[float], margin: float)
     key = key_of(target)
     alone = {}  # (layer, budget) -> measurement of that layer alone at that budget
     for layer in range(L):
-        for b in grid:
-            alone[(layer, b)] = cal.measure(setting(target, {layer: b}))
+        for b in grid:  # descending: past the first budget outside the gate, lower ones cost more
+            alone[(layer, b)] = m = cal.measure(setting(target, {layer: b}))
+            if math.expm1(m["d_nll"]) > GATE:
+                break
     budgets = dict.fromkeys(range(L), 1.0)
 
     def gain(layer: int, b: float) -> tuple[float, float]:
-        m = alone[(layer, b)] if b < 1.0 else {key: 0.0, "d_nll": 0.0}
+        if b >= 1.0:
+            return 0.0, 0.0
+        m = alone.get((layer, b))
+        if m is None:  # not measured: past this layer's first budget outside the gate
+            return 0.0, math.inf
         return (m[key] or 0.0), max(m["d_nll"], 0.0)
 
     moves = []
@@ -127,7 +134,12 @@ def calibrate(cal: Split, target: str, L: int, grid: list[float], margin: float)
 
 def best_uniform(cal: Split, target: str, grid: list[float]) -> dict | None:
     """The best single budget for every layer on the calibration split (met on the bound)."""
-    met = [m for b in grid if (m := cal.measure(setting(target, {}, uniform=b)))["verdict"] == "met"]
+    met = []
+    for b in grid:  # descending: the first budget that does not meet the gate ends the sweep
+        m = cal.measure(setting(target, {}, uniform=b))
+        if m["verdict"] != "met":
+            break
+        met.append(m)
     return max(met, key=lambda m: m[key_of(target)] or 0.0, default=None)
 
 
@@ -137,8 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--models", nargs="+", default=names)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--targets", nargs="+", choices=("experts", "bytes"), default=["experts", "bytes"])
-    ap.add_argument("--grid", default="0.8,0.6,0.4", help="budgets a layer may take")
-    ap.add_argument("--margin", type=float, default=0.6,
+    ap.add_argument("--grid", default="0.9,0.8,0.7,0.6,0.5", help="budgets a layer may take")
+    ap.add_argument("--margin", type=float, default=1.0,
                     help="the greedy search spends at most this share of the gate (point estimate)")
     ap.add_argument("--prefill", type=int, default=64)
     ap.add_argument("--decode", type=int, default=192)
@@ -174,9 +186,16 @@ def main(argv: list[str] | None = None) -> dict:
             key = key_of(target)
             found = calibrate(cal, target, L, grid, args.margin)
             uni = best_uniform(cal, target, grid)
+            greedy = found["verify"][-1]
+            if uni is not None and (uni[key] or 0) > (greedy[key] or 0):
+                # a single budget for every layer is a per-layer assignment too: keep the better
+                found["preset"] = ",".join(f"{ly}:{uni['budget']:g}" for ly in range(L))
+                found["chosen"] = "best single budget (the greedy search found less)"
+            else:
+                found["chosen"] = "greedy per-layer search"
             default = (Setting("default", replace(DEFAULT, miss_budget=0.0)) if target == "experts"
                        else Setting("default", DEFAULT, fraction=2))  # fmt: skip
-            rows = {"calibrated": setting(target, {ly: float(b) for ly, b in (
+            rows = {"calibrated": setting(target, {int(ly): float(b) for ly, b in (
                         p.split(":") for p in found["preset"].split(",")) if float(b) < 1.0}),
                     "default": default}  # fmt: skip
             if uni is not None:
@@ -187,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 "prose": prose.measure(st) if prose else None}
             entry["targets"][target] = {"preset": found["preset"], "search": found,
                                         "best_uniform_on_calibration": uni, "rows": evals}  # fmt: skip
-            print(f"  {target}: preset --lynx-layer-budgets {found['preset']}"
+            print(f"  {target}: preset --lynx-layer-budgets {found['preset']} ({found['chosen']})"
                   f"{' (with the cache: --lynx-miss-budget on)' if target == 'bytes' else ''}")
             for label, e in evals.items():
                 for split, m in e.items():

@@ -60,11 +60,12 @@ def test_smaller_budget_touches_fewer_experts_at_some_quality_cost(setup):
 def test_hook_groups_decode_positions_and_leaves_prefill_alone(setup):
     model, batches = setup
     x = batches[0]
-    hook = quality.DecodePolicyHook(replace(quality.DEFAULT, budget=0.4), prefill=16, num_experts=64)
+    params = replace(quality.DEFAULT, budget=0.4, layer_budgets="0:1.0")
+    hook = quality.DecodePolicyHook(params, prefill=16, num_experts=64)
     logits = torch.randn(x.shape[0], x.shape[1], 64)
     ids, w = torch.softmax(logits, -1).topk(8, -1)[::-1]
     layer0, _ = hook(0, logits, ids, w / w.sum(-1, keepdim=True))
-    assert torch.equal(layer0, ids)  # the default exempts the first MoE layer
+    assert torch.equal(layer0, ids)  # the first MoE layer's own budget keeps every expert
     new_ids, new_w = hook(1, logits, ids, w / w.sum(-1, keepdim=True))
     assert torch.equal(new_ids[:, :16], ids[:, :16])  # prefill untouched
     # position 20 of every sequence is one decode batch: the policy applied to exactly that batch

@@ -125,9 +125,9 @@ def build(sglang_layers, w: dict, runtime: LynxRuntime | None):
 
 
 def runtime_for(w: dict, **cfg) -> LynxRuntime:
-    """A runtime for LAYER (MoE layer 0): the tests of selection's mechanics run it without the
-    default exemption of the first MoE layer and, with a cache, without miss-aware selection,
-    unless they ask (``test_defaults_*`` check the defaults)."""
+    """A runtime for LAYER (MoE layer 0): the tests of selection's mechanics run it without
+    per-layer budgets and, with a cache, without miss-aware selection, unless they ask
+    (``test_defaults_*`` check the defaults)."""
     cfg = {"layer_budgets": "", "miss_budget": 0.0, **cfg}
     return LynxRuntime(LynxConfig(**cfg), facts(w), torch.device("cpu"), stats=True)
 
@@ -363,16 +363,18 @@ def test_miss_aware_reads_the_cache_step_by_step(sglang_layers, weights):
     assert resident.any()  # later steps did see residents
 
 
-def test_defaults_exempt_the_first_moe_layer_and_offload_budgets_the_misses(
-    sglang_layers, weights
-):
-    """The defaults (from bench/quality.py's frontier): the first MoE layer keeps every expert,
-    later layers keep budget 0.7 of them, and with the cache the budget is on the missing ones."""
-    cfg = LynxConfig(mode="lynx+offload", slots=32)
+def test_defaults_and_a_layer_preset_offload_budgets_the_misses(sglang_layers, weights):
+    """The defaults (from bench/quality.py's frontier, met on the bound on both models): every
+    layer at budget 0.9 and, with the cache, miss-aware at 0.7; a preset's layer budget (here the
+    first MoE layer keeping every expert) replaces both for its layer."""
+    default = LynxConfig(mode="lynx+offload", slots=32).selection
+    assert default.layer_budgets == "" and default.at_layer(0).budget == 0.9
+    assert default.miss_aware and default.at_layer(3).miss_budget == 0.7
+    cfg = LynxConfig(mode="lynx+offload", slots=32, layer_budgets="0:1.0")
     runtime = LynxRuntime(cfg, facts(weights), torch.device("cpu"), stats=True)
     later = cfg.selection.at_layer(1)
-    assert cfg.selection.at_layer(0).budget == 1.0 and later.budget == 0.7
-    assert later.miss_aware and later.miss_budget == 0.5
+    assert cfg.selection.at_layer(0).budget == 1.0 and later.budget == 0.9
+    assert later.miss_aware and later.miss_budget == 0.7
     moe, topk = build(sglang_layers, weights, runtime)
     x, logits = inputs(weights, 8)
     stock_out = topk.forward_native(x, logits)

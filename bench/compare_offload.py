@@ -552,7 +552,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--prefill", type=int, default=64)
     add("--decode", type=int, default=64, help="decode steps per window")
     add("--warmup", type=int, default=8, help="first decode steps not counted (cache warm-up)")
-    add("--max-batches", type=int, default=4,
+    add("--max-batches", type=int, default=8,
         help="windows of B sequences per batch size: replayed, and the quality sample of the "
              "rows whose selection reads the cache (+aware, +miss)")
     add("--quality-windows", type=int, default=12,

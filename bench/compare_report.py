@@ -52,12 +52,12 @@ def print_report(result: dict) -> None:
           f"offloading-alone row (ours or SGLang's), K={kf:g}·E ({label}):")  # fmt: skip
     for B, s in result["speedup_lynx_offload_vs_offload"].items():
         p, fast = result["product"][B], result["speedup_ignoring_quality"][B]
-        miss = "" if p["meets_quality_goal"] else " (no setting met the quality goal on its bound)"
+        miss = "" if p["meets_quality_goal"] else " (no lynx+offload row met the gate on its bound)"
         print(f"  batch {B:>3}: {s:5.2f}x  {p['system']} ({p['eviction']}/{p['prefetch']}), "
               f"{quality_text(p)}{miss}")
         print(f"             fastest regardless of quality {fast['speedup']:.2f}x "
               f"({fast['system']}, agreement {fast['agreement']:.4f})")  # fmt: skip
-    print("\nthe same, by K (* = no Lynx setting met the quality goal there: fastest shown;\n"
+    print("\nthe same, by K (* = no Lynx setting met the quality goal there: offloading alone;\n"
           "the other --budgets run at the primary K only):")  # fmt: skip
     for f, at in result["speedup_by_k"].items():
         cells = "".join(f"  B={B} {s['speedup']:.2f}{'' if s['meets_quality_goal'] else '*'}"

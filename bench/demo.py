@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
           f"on its bound,\nover the best offloading-alone row (the rows above, one run)")  # fmt: skip
     for B, x in speed.items():
         p = product[B]
-        shown = "" if p["meets_quality_goal"] else "; none met the gate: the fastest shown"
+        shown = "" if p["meets_quality_goal"] else "; no lynx+offload row met the gate"
         print(f"  batch {B:>3}: {x:5.2f}x  {p['system']}; {quality_text(p)}{shown}")
     g = c["goal"]
     print(f"  goal >= {g['speedup']}x at batch {g['batches']} within the quality goal: "

@@ -41,22 +41,23 @@ PY = sys.executable
 MAX_FILES_BACK = 8  # what the device tool brings back from $OUT
 
 
+SMOKE_S = 60.0
+
+
 @dataclass(frozen=True)
 class Check:
     name: str
     gpu: tuple[str, ...]  # the command on the GPU machine ({out}: the results folder)
     cpu: tuple[str, ...]  # its rehearsal on a CPU machine: the same module, its cheapest path
-    share: float  # of the time budget after the smoke step (which has SMOKE_S)
+    share: float  # of the time budget left after the fixed limits
     result: str = ""  # a result file the step writes under {out}, besides its stdout
-
-
-SMOKE_S = 60.0
+    fixed_s: float = 0.0  # a fixed time limit instead of a share (the smoke step)
 CO_SLICE = ("--batches", "1,16", "--k-fractions", "0.25", "--prefill", "16", "--decode", "12",
             "--warmup", "2", "--max-batches", "1", "--quality-windows", "1", "--evictions", "lru",
             "--budgets=")  # fmt: skip
 CHECKS = (
     Check("smoke", (PY, "-m", "bench.gpu_smoke", "--out", "{out}/smoke.json"),
-          (PY, "-m", "bench.gpu_smoke", "--out", "{out}/smoke.json"), 0.0),
+          (PY, "-m", "bench.gpu_smoke", "--out", "{out}/smoke.json"), 0.0, fixed_s=SMOKE_S),
     Check("tests", (PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"),
           (PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "--co", "tests"), 0.30),
     Check("transfer", (PY, "-m", "bench.transfer", "--quick"),
@@ -73,12 +74,6 @@ CHECKS = (
            "qwen3-30b-a3b", "--out-dir", "{out}", "--name", "compare_offload_gpu", "--no-plot"),
           0.30, result="compare_offload_gpu.json"),
 )  # fmt: skip
-
-
-def device_facts() -> dict:
-    from bench.gpu_smoke import facts
-
-    return facts()
 
 
 def last_json(text: str) -> dict | None:
@@ -102,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     back = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+    from bench.gpu_smoke import facts as device_facts
+
     facts = device_facts()
     print(f"gpu_check{' (rehearsal)' if args.rehearse else ''}: {facts}")
     if facts["device"] is None and not args.rehearse:
@@ -120,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
                 if f.exists() and f.resolve() != (back / f.name).resolve():
                     shutil.copyfile(f, back / f.name)
 
-    rest = args.budget_s - SMOKE_S
+    rest = args.budget_s - sum(c.fixed_s for c in CHECKS)
     for check in CHECKS:
         cmd = [c.format(out=out) for c in (check.cpu if args.rehearse else check.gpu)]
-        limit = SMOKE_S if check.name == "smoke" else check.share * rest
+        limit = check.fixed_s or check.share * rest
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), str(ROOT)) if p)
         t0 = time.monotonic()

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from bench.routing_stats import distinct_per_step
 from lynx_sglang.model.corpus import split_corpus
 from lynx_sglang.model.qwen3_moe import MoEModel, MoEModelConfig, unigram_cross_entropy
 
@@ -130,11 +131,9 @@ def distinct_experts_at_batch(model: MoEModel, data: torch.Tensor, seq: int, bat
     sequences: what one decode step of that batch touches (teacher-forced)."""
     model.eval()
     x = data[: batch * seq].view(batch, seq)
-    ids = torch.stack(model(x).topk_ids)  # [L, B, S, k]
-    E = model.config.num_experts
-    onehot = torch.zeros(*ids.shape[:3], E).scatter_(-1, ids, 1.0)  # [L, B, S, E]
+    ids = torch.stack(model(x).topk_ids)[None]  # [1, L, B, S, k]
     model.train()
-    return float(onehot.amax(1).sum(-1).mean())
+    return distinct_per_step(ids, model.config.num_experts)
 
 
 def main(argv=None) -> None:

@@ -24,11 +24,13 @@ bench/quality.py's measurement, which propagates the changed routing through the
 Times: on a GPU every time is measured (CUDA events, warm-up, median of repeats, same run) over
 the traced model's MoE layers at the chosen expert size. On a CPU-only machine the counters
 (distinct experts, hits, misses, prefetches, bytes) are exact and every time is projected from
-them with the model in bench/projection.py, labelled "projected". accelerate's CPU offload is placed
-by its own infer_auto_device_map (on meta tensors on a CPU): an offloaded layer copies all its
-experts at every step, so its counters are exact too; on a GPU it is run and timed. SGLang's paged experts is replayed through its own code where SGLang is
-installed, and its counters recorded (--out-dir/sglang_paged_counts.npz); where it is not (the GPU
-machine), the counters recorded for the same routing are used, labelled, or the row is absent. Other expert sizes reuse the same counters (labelled). Per row:
+them with the model in bench/projection.py, labelled "projected". accelerate's CPU offload is
+placed by its own infer_auto_device_map (on meta tensors on a CPU): an offloaded layer copies all
+its experts at every step, so its counters are exact too; on a GPU it is run and timed. SGLang's
+paged experts is replayed through its own code where SGLang is installed, and its counters
+recorded (--out-dir/sglang_paged_counts.npz); where it is not (the GPU machine), the counters
+recorded for the same routing are used, labelled, or the row is absent. Other expert sizes reuse
+the same counters (labelled). Per row:
 decode_ms_per_step is each sequence's time per token, ms_per_token the step over B. The
 "temporal" prefetch mode copies nothing with per-layer slot pools (the previous step's experts
 of a layer are still resident), so it is not swept by default. Last stdout line: JSON.

@@ -186,17 +186,31 @@ class DecodePolicyHook:
 class Result:
     name: str
     distinct: float
-    nll_sum: float
-    count: int
     agree: int
-    correct: int = 0  # top-1 predictions equal to the true next token
-    kl_sum: float = 0.0  # sum over positions of KL(base || this setting), nats
+    # per evaluated sequence, in batch order: [n, 4] float64 columns SEQ_COLUMNS (summed NLL,
+    # top-1 predictions equal to the true next token, summed KL(base || this setting) in nats,
+    # tokens); every total derives from it, and a setting pairs with the base sequence by
+    # sequence (the paired bootstrap's unit)
+    per_seq: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
     misses: dict = field(default_factory=dict)  # {K: expert copies after warmup, all layers}
     line: str = ""
     budget: float = 1.0
-    # per evaluated sequence, in batch order: [n, 4] float64 columns SEQ_COLUMNS, so that a
-    # setting and the base pair up sequence by sequence (the paired bootstrap's unit)
-    per_seq: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+
+    @property
+    def nll_sum(self) -> float:
+        return float(self.per_seq[:, 0].sum())
+
+    @property
+    def correct(self) -> int:
+        return int(self.per_seq[:, 1].sum())
+
+    @property
+    def kl_sum(self) -> float:
+        return float(self.per_seq[:, 2].sum())
+
+    @property
+    def count(self) -> int:
+        return int(self.per_seq[:, 3].sum())
 
     @property
     def ppl(self) -> float:
@@ -223,7 +237,7 @@ def run_setting(model, batches, prefill, params, base_argmax=None, keep_trace=Fa
     live_slots: the K of the cache miss-aware selection reads (a fresh cache per batch)."""
     c = model.config
     E, L, k = c.num_experts, c.num_hidden_layers, c.num_experts_per_tok
-    nll, cnt, agree, dsum, dn, correct, kl = 0.0, 0, 0, 0.0, 0, 0, 0.0
+    agree, dsum, dn = 0, 0.0, 0
     misses = {K: 0 for K in (*bytes_slots, *([live_slots] if live_slots else []))}
     argmaxes, traces, per_seq = [], [], []
     for b, x in enumerate(batches):
@@ -239,17 +253,13 @@ def run_setting(model, batches, prefill, params, base_argmax=None, keep_trace=Fa
         tok_nll = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), reduction="none")
         seq_nll = tok_nll.view(tgt.shape).double().sum(1)  # [B]
-        nll += float(seq_nll.sum())
-        cnt += tgt.numel()
         am = logits.argmax(-1)
         seq_correct = (am == tgt).sum(1).double()  # [B]
-        correct += int(seq_correct.sum())
         logp = torch.log_softmax(logits.float(), -1)  # [B, D, V]
         seq_kl = torch.zeros(tgt.shape[0], dtype=torch.float64)
         if base_logp is not None:
             ref = base_logp[b].float()
             seq_kl = (ref.exp() * (ref - logp)).sum((1, 2)).double()  # [B]
-            kl += float(seq_kl.sum())
         per_seq.append(torch.stack([seq_nll, seq_correct, seq_kl,
                                     torch.full_like(seq_nll, tgt.shape[1])], 1).numpy())  # fmt: skip
         argmaxes.append((am, logp.to(torch.bfloat16)) if keep_logp else am)
@@ -261,8 +271,8 @@ def run_setting(model, batches, prefill, params, base_argmax=None, keep_trace=Fa
         if keep_trace:
             traces.append(torch.stack(hook.trace, dim=1))  # [D, L, B, k]
     name = "base" if params is None else describe(params)
-    r = Result(name, dsum / max(dn, 1), nll, cnt, agree, correct, kl, misses,
-               per_seq=np.concatenate(per_seq) if per_seq else np.zeros((0, 4)))
+    r = Result(name, dsum / max(dn, 1), agree,
+               np.concatenate(per_seq) if per_seq else np.zeros((0, 4)), misses)
     return r, argmaxes, traces
 
 

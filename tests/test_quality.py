@@ -130,14 +130,21 @@ def test_out_of_domain_prose_is_shipped_and_not_in_the_training_split():
     assert ids.numel() > 10_000
 
 
-def test_per_sequence_sums_add_up_to_the_totals(setup):
+def test_per_sequence_rows_are_each_sequences_own_nll_and_hits(setup):
+    """One row per sequence, in batch order: its summed NLL and top-1 hits against the true next
+    token, computed here from the model's logits without the harness."""
     model, batches = setup
-    base, (row,), _, _ = quality.evaluate(model, batches, 16, [SelectionParams(budget=0.5)])
-    for r in (base, row):
-        nll, correct, kl, tokens = r.per_seq.sum(0)
-        assert len(r.per_seq) == sum(len(x) for x in batches)
-        assert nll == pytest.approx(r.nll_sum, rel=1e-9) and correct == r.correct
-        assert tokens == r.count and kl == pytest.approx(r.kl_sum, rel=1e-6, abs=1e-9)
+    base, _, _, _ = quality.evaluate(model, batches, 16, [])
+    x = batches[0]
+    with torch.no_grad():
+        logits = model(x).logits[:, 16:-1].float()  # predicts x[:, 17:]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 17:], reduction="none")
+    rows = base.per_seq[: len(x)]
+    assert len(base.per_seq) == sum(len(b) for b in batches)
+    torch.testing.assert_close(torch.from_numpy(rows[:, 0]), nll.double().sum(1), rtol=1e-5, atol=1e-4)
+    assert (rows[:, 1] == (logits.argmax(-1) == x[:, 17:]).sum(1).numpy()).all()
+    assert (rows[:, 3] == x.shape[1] - 17).all() and (rows[:, 2] == 0).all()  # the base: no KL
+    assert base.count == sum(b.shape[0] * (b.shape[1] - 17) for b in batches)
 
 
 def test_paired_intervals_hold_the_estimate_and_vanish_for_an_identical_setting(setup):

@@ -652,11 +652,17 @@ class Bench:
             self.gpu = _gpu_weights(model, self.shape, self.shipped, args.repeats)
             self.shape = replace(self.shape, name=f"{self.shape.name} x {L} layers", layers=L)
             src = "the shipped weights" if args.shape == "shipped" else "random bf16 weights"
-            print(f"GPU: {src}, {self.shape.expert_bytes / 1e6:.2f} MB/expert, {E} x {L} layers")
+            sb = self.shape.shared_bytes
+            shared = f"; its shared experts ({sb / 1e6:.1f} MB/layer) are not run" if sb else ""
+            print(f"GPU: {src}, {self.shape.expert_bytes / 1e6:.2f} MB/expert, {E} x {L} layers"
+                  f"{shared}")  # fmt: skip
         else:
             sh = self.shape
             scaled = "" if sh is self.shipped else f" (counters of the {L} traced layers, scaled)"
-            print(f"bytes and times at {sh.name}: {sh.expert_bytes / 1e6:.2f} MB/expert, "
+            shared = (
+                f" + {sh.shared_bytes / 1e6:.2f} MB shared (resident)" if sh.shared_bytes else ""
+            )
+            print(f"bytes and times at {sh.name}: {sh.expert_bytes / 1e6:.2f} MB/expert{shared}, "
                   f"{sh.layers} layers{scaled}")  # fmt: skip
 
     def row(self, run: Run, B: int, q: dict, sweep: list[Run] | None = None) -> dict:
@@ -893,8 +899,11 @@ def summarise(bench: Bench) -> dict:
     by_shape = {}
     if not bench.measured:  # the same counters, projected at every expert size
         for sh in [bench.shipped, *SHAPES.values()]:
-            entry = {"expert_bytes": sh.expert_bytes, "layers": sh.layers, "speedup": {},
-                     "tokens_per_s": {}}  # fmt: skip
+            entry = {"expert_bytes": sh.expert_bytes, "shared_bytes": sh.shared_bytes,
+                     "layers": sh.layers, "speedup": {}, "tokens_per_s": {}}  # fmt: skip
+            if sh is not bench.shipped:  # its expert size and depth, not its routing
+                entry["routing"] = (f"the shipped model's (E={E}, top-{k}), "
+                                    f"not {sh.name}'s (E={sh.experts}, top-{sh.top_k})")  # fmt: skip
             for B in map(int, product):
                 at = [r for r in ok if r["batch"] == B and r["slots"] == bench.slots_of[args.primary_k]]  # fmt: skip
                 good = [

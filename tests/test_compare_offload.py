@@ -197,6 +197,19 @@ def test_speedups_keyed_by_batch(result):
         assert set(entry["speedup"]) == {"1", "16"}
 
 
+def test_by_shape_projects_every_shape_with_its_shared_experts(result):
+    """Every --shape, at its expert size and depth; the routing stays the shipped model's."""
+    res, _ = result
+    assert set(res["by_shape"]) == {"shipped", *compare_offload.SHAPES}
+    for name, sh in compare_offload.SHAPES.items():
+        entry = res["by_shape"][name]
+        assert entry["expert_bytes"] == sh.expert_bytes and entry["layers"] == sh.layers
+        assert entry["shared_bytes"] == sh.shared_bytes
+        assert entry["routing"].startswith(f"the shipped model's (E={res['num_experts']}")
+    assert res["by_shape"]["shipped"]["shared_bytes"] == 0
+    assert res["by_shape"]["deepseek-v3"]["shared_bytes"] > 0
+
+
 @pytest.mark.gpu
 def test_gpu_times_are_measured(tmp_path):
     res = compare_offload.main(

@@ -19,6 +19,13 @@ import torch
 
 from lynx_sglang.config import SelectionParams
 from lynx_sglang.selection.policy import distinct_experts, select_experts
+from lynx_sglang.selection.routing import (
+    SOFTMAX_TOPK,
+    Routing,
+    reweigh,
+    selection_logits,
+    split_shared,
+)
 from lynx_sglang.selection.types import ExpertSimilarity, NumValid
 
 if TYPE_CHECKING:
@@ -62,11 +69,21 @@ def moe_layer_step(
     cache: Optional[ExpertCache] = None,
     stats: Optional[SelectionStats] = None,
     similarity: Optional[Sequence[ExpertSimilarity]] = None,
+    routing: Routing = SOFTMAX_TOPK,
 ) -> torch.Tensor:
-    """The MoE output [T, H] of one layer's step. x: [T, H]; topk_ids, topk_weights: [T, k]
-    from the router's top-k; router_logits: [T, E]. ``layer`` is the dense MoE-layer index;
-    ``similarity``, per MoE layer, is what the "similar" policy reads."""
-    ids, weights, scores = topk_ids, topk_weights, None
+    """The MoE output [T, H] of one layer's step. x: [T, H]; topk_ids, topk_weights: [T, k + s]
+    from the router's top-k (s trailing fused shared-expert columns, per ``routing``);
+    router_logits: [T, E]. ``layer`` is the dense MoE-layer index; ``similarity``, per MoE
+    layer, is what the "similar" policy reads; ``routing`` is the model's routing rule, which
+    selection follows (the scores that choose, the rule that weighs)."""
+    if cache is not None and routing.shared_columns:
+        raise ValueError(
+            "the expert cache serves routed experts only; fused shared experts are not offloaded "
+            "(SGLang: --disable-shared-experts-fusion keeps them a resident MLP)"
+        )
+    # 0. the routed columns; fused shared experts are never selected, moved or counted
+    routed = split_shared(topk_ids, topk_weights, routing)
+    ids, weights, scores = routed.ids, routed.weights, None
     # 1. which rows are real: a decode batch's graph padding needs no expert and casts no vote
     num_valid = step.num_valid if step.decode else None
     # 2. selection, on decode batches only: shrink the batch's active expert set
@@ -76,15 +93,20 @@ def moe_layer_step(
         aware = cache is not None and (params.cache_bonus > 0 or params.miss_aware)
         resident = cache.resident_mask(layer, step.captured) if aware else None
         sim = similarity[layer] if similarity is not None else None
-        sel = select_experts(router_logits, ids, weights, params, num_valid, resident, sim)
+        logits = selection_logits(router_logits, routing)  # the scores that chose the experts
+        sel = select_experts(logits, ids, weights, params, num_valid, resident, sim)
         ids, weights, scores = sel.topk_ids, sel.topk_weights, sel.scores
+        if routing.reweighs(params.policy):  # moved choices weighed by the model's own rule
+            weights = reweigh(router_logits, routed.ids, routed.weights, ids, weights, routing)
         if isinstance(num_valid, torch.Tensor) and params.min_batch > 1:
             # under a graph the real row count lives on the device: small batches keep theirs
             big = num_valid >= params.min_batch
-            ids, weights = torch.where(big, ids, topk_ids), torch.where(big, weights, topk_weights)
-        # 3. counters: distinct experts before and after, on the device
+            ids = torch.where(big, ids, routed.ids)
+            weights = torch.where(big, weights, routed.weights)
+        # 3. counters: distinct routed experts before and after, on the device
         if stats is not None:
-            stats.record(layer, topk_ids, ids, num_valid)
+            stats.record(layer, routed.ids, ids, num_valid)
+    ids, weights = routed.join(ids, weights)
     if cache is None:  # every expert resident: the layer's own kernel on the (selected) ids
         return kernel(x, ids, weights, None)
     # 4. the cache makes the kept experts resident and turns expert ids into slot ids

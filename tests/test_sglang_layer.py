@@ -19,7 +19,6 @@ from lynx_sglang.selection import distinct_experts, select_experts_ref
 
 pytest.importorskip("sglang")
 
-from lynx_sglang.sglang import plugin  # noqa: E402
 from lynx_sglang.sglang.runtime import (  # noqa: E402
     NOT_DECODE,
     LynxRuntime,
@@ -29,25 +28,6 @@ from lynx_sglang.sglang.runtime import (  # noqa: E402
 
 LAYER = 0
 TOKENS = 16  # T: a decode batch of 16 requests
-
-
-@pytest.fixture(scope="module")
-def sglang_layers():
-    """SGLang's runtime context for building layers on CPU, with our hooks installed."""
-    from sglang.srt.runtime_context import reset_context
-    from sglang.srt.server_args import ServerArgs
-    from sglang.test.parallel_groups import publish
-
-    reset_context()
-    publish(ServerArgs(model_path="dummy"), role="test")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LYNX_SGLANG_MODE", "off")  # register() acts only when our settings exist
-        plugin.install()
-    assert not plugin.missing_hooks()
-    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
-    from sglang.srt.layers.moe.topk import TopK
-
-    return FusedMoE, TopK
 
 
 @pytest.fixture(scope="module", params=SHIPPED_MODELS, ids=lambda p: p.name)

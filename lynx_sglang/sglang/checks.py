@@ -13,12 +13,29 @@ from typing import Any, Optional
 
 from lynx_sglang.config import LynxConfig
 
-# Model architectures whose MoE blocks route through SGLang's TopK + FusedMoE the standard way.
+# Model architectures whose MoE blocks route through SGLang's TopK + FusedMoE, by routing family:
+# softmax top-k (Qwen2-MoE's block, shared in Qwen3-Next and Qwen3.5, adds a gated shared expert
+# outside the FusedMoE), and DeepSeek's sigmoid, bias-chosen grouped top-k (DeepseekV2MoE; GLM-4.5's
+# block routes the same way), whose shared experts SGLang may fuse into the FusedMoE.
 SUPPORTED_ARCHITECTURES = {
     "MixtralForCausalLM": "Mixtral",
     "Qwen3MoeForCausalLM": "Qwen3-MoE",
     "Qwen2MoeForCausalLM": "Qwen2-MoE",
+    "Qwen3NextForCausalLM": "Qwen3-Next",
+    "Qwen3_5MoeForConditionalGeneration": "Qwen3.5-MoE",
+    "Qwen3_5MoeForCausalLM": "Qwen3.5-MoE (text)",
     "OlmoeForCausalLM": "OLMoE",
+    "DeepseekV2ForCausalLM": "DeepSeek-V2",
+    "DeepseekV3ForCausalLM": "DeepSeek-V3 / Kimi K2",
+    "DeepseekV32ForCausalLM": "DeepSeek-V3.2",
+    "Glm4MoeForCausalLM": "GLM-4.5",
+}
+# Architectures refused with their own reason (the generic one would not say what to do).
+REFUSED_ARCHITECTURES = {
+    "DeepseekV4ForCausalLM": (
+        "DeepSeek-V4 is not supported: its hash-routed layers and sqrtsoftplus router are not "
+        "served by lynx-sglang's selection"
+    ),
 }
 SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
 SUPPORTED_RUNNERS = ("auto", "triton")
@@ -27,9 +44,9 @@ SUPPORTED = (
     "lynx-sglang supports unquantised bf16/fp16 MoE on the triton MoE runner "
     f"({', '.join(SUPPORTED_ARCHITECTURES.values())}), single data-parallel rank, "
     "no expert parallelism, no speculative decoding, no torch.compile; "
-    "offload also needs --tp-size 1, real weights, top_k <= --lynx-slots <= experts, prefill "
-    "CUDA graphs off (--disable-prefill-cuda-graph), and --disable-cuda-graph with "
-    "--lynx-executor eager"
+    "offload also needs --tp-size 1, real weights, top_k <= --lynx-slots <= experts, shared "
+    "experts unfused (--disable-shared-experts-fusion), prefill CUDA graphs off "
+    "(--disable-prefill-cuda-graph), and --disable-cuda-graph with --lynx-executor eager"
 )
 
 
@@ -69,10 +86,16 @@ def problems(cfg: LynxConfig, facts: ServingFacts) -> list[str]:
         return []
     out: list[str] = []
     f = facts
-    if f.architecture is not None and f.architecture not in SUPPORTED_ARCHITECTURES:
+    if f.architecture in REFUSED_ARCHITECTURES:
+        out.append(REFUSED_ARCHITECTURES[f.architecture])
+    elif f.architecture is not None and f.architecture not in SUPPORTED_ARCHITECTURES:
         out.append(f"model architecture {f.architecture} is not supported")
     if f.quantization not in (None, "", "none"):
-        out.append(f"quantization {f.quantization} is not supported")
+        model = SUPPORTED_ARCHITECTURES.get(f.architecture or "", "the model")
+        out.append(
+            f"quantization {f.quantization} ({model}'s quantised checkpoint) is not supported: "
+            "use its bf16 checkpoint"
+        )
     if f.dtype is not None and f.dtype not in SUPPORTED_DTYPES:
         out.append(f"dtype {f.dtype} is not supported")
     if f.moe_runner_backend is not None and f.moe_runner_backend not in SUPPORTED_RUNNERS:
@@ -207,7 +230,10 @@ def with_hf_config(facts: ServingFacts, hf_config: Any) -> ServingFacts:
     """``facts`` plus what the model's Hugging Face config says (architecture, experts, top-k,
     a checkpoint quantisation)."""
     architectures = getattr(hf_config, "architectures", None) or [None]
-    quant = getattr(hf_config, "quantization_config", None)
+    text = text_config(hf_config)
+    quant = getattr(hf_config, "quantization_config", None) or getattr(
+        text, "quantization_config", None
+    )
     if isinstance(quant, dict):
         quant = quant.get("quant_method") or "quantised checkpoint"
     elif quant is not None:
@@ -215,25 +241,41 @@ def with_hf_config(facts: ServingFacts, hf_config: Any) -> ServingFacts:
     return dataclasses.replace(
         facts,
         architecture=architectures[0],
-        top_k=getattr(hf_config, "num_experts_per_tok", None),
-        num_experts=num_experts_of(hf_config),
-        moe_layers=len(moe_layer_ids(hf_config)) if hasattr(hf_config, "num_hidden_layers") else None,
+        top_k=getattr(text, "num_experts_per_tok", None),
+        num_experts=num_experts_of(text),
+        moe_layers=len(moe_layer_ids(hf_config)) if hasattr(text, "num_hidden_layers") else None,
         quantization=facts.quantization or quant,
     )
 
 
+def text_config(hf_config: Any) -> Any:
+    """The language model's config: a multimodal config's ``text_config`` (Qwen3.5), else itself."""
+    text = getattr(hf_config, "text_config", None)
+    return text if text is not None and hasattr(text, "num_hidden_layers") else hf_config
+
+
 def moe_layer_ids(hf_config: Any) -> tuple[int, ...]:
-    """Decoder layers with a routed-expert MLP (Qwen's mlp_only_layers / decoder_sparse_step)."""
-    num_layers = hf_config.num_hidden_layers
-    dense = set(getattr(hf_config, "mlp_only_layers", None) or ())
-    step = getattr(hf_config, "decoder_sparse_step", 1) or 1
+    """Decoder layers with a routed-expert MLP, by each family's rule as SGLang builds them:
+    DeepSeek / GLM-4.5 (``n_routed_experts``): layers from ``first_k_dense_replace`` on (DeepSeek:
+    every ``moe_layer_freq``-th); Qwen: not in ``mlp_only_layers``, every ``decoder_sparse_step``-th."""
+    text = text_config(hf_config)
+    num_layers = text.num_hidden_layers
+    if getattr(text, "n_routed_experts", None):
+        first = getattr(text, "first_k_dense_replace", 0) or 0
+        glm = any(a.startswith("Glm4Moe") for a in getattr(hf_config, "architectures", None) or ())
+        freq = 1 if glm else getattr(text, "moe_layer_freq", 1) or 1
+        return tuple(i for i in range(num_layers) if i >= first and i % freq == 0)
+    dense = set(getattr(text, "mlp_only_layers", None) or ())
+    step = getattr(text, "decoder_sparse_step", 1) or 1
     return tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
 
 
 def num_experts_of(hf_config: Any) -> Optional[int]:
-    """Routed experts per layer (Mixtral: num_local_experts; Qwen/OLMoE: num_experts)."""
-    for name in ("num_local_experts", "num_experts"):
-        value = getattr(hf_config, name, None)
+    """Routed experts per layer (Mixtral: num_local_experts; Qwen/OLMoE: num_experts;
+    DeepSeek/GLM: n_routed_experts); shared experts are not counted."""
+    text = text_config(hf_config)
+    for name in ("num_local_experts", "num_experts", "n_routed_experts"):
+        value = getattr(text, name, None)
         if isinstance(value, int) and value > 0:
             return value
     return None

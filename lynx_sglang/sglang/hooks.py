@@ -126,7 +126,7 @@ def _finish_load(runtime: rt_mod.LynxRuntime, model: torch.nn.Module) -> None:
     from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
 
     from lynx_sglang.sglang.checks import SUPPORTED, UnsupportedConfig
-    from lynx_sglang.sglang.moe_method import LynxMoEMethod
+    from lynx_sglang.sglang.moe_method import LynxMoEMethod, routing_of
 
     layers = [m for m in model.modules() if isinstance(m, FusedMoE)]
     problems = []
@@ -138,12 +138,22 @@ def _finish_load(runtime: rt_mod.LynxRuntime, model: torch.nn.Module) -> None:
             problems.append(f"layer {layer.layer_id} runs on the {backend} MoE runner")
         if not isinstance(layer.quant_method, LynxMoEMethod):
             problems.append(f"layer {layer.layer_id} was not wrapped by lynx-sglang")
+    routers = {  # each FusedMoE's TopK: its sibling in the MoE block
+        block.experts.layer_id: (block.topk, block.experts)
+        for block in model.modules()
+        if isinstance(getattr(block, "experts", None), FusedMoE) and hasattr(block, "topk")
+    }
+    for layer in layers:
+        if layer.layer_id not in routers:
+            problems.append(f"layer {layer.layer_id}'s router (its block's TopK) was not found")
     if problems:
         raise UnsupportedConfig(
             f"lynx-sglang --lynx-mode {runtime.cfg.mode}: "
             + "; ".join(problems[:3])
             + f". {SUPPORTED}."
         )
+    for layer in layers:  # selection follows each layer's own routing rule
+        runtime.routing[runtime.index(layer.layer_id)] = routing_of(*routers[layer.layer_id])
     if runtime.cache is not None:
         for block in model.modules():
             experts, gate = getattr(block, "experts", None), getattr(block, "gate", None)

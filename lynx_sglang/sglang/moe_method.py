@@ -22,6 +22,7 @@ from sglang.srt.layers.moe.token_dispatcher import StandardCombineInput
 from sglang.srt.layers.moe.topk import StandardTopKOutput
 from sglang.srt.layers.quantization.base_config import FusedMoEMethodBase
 
+from lynx_sglang.selection.routing import SCORINGS, Routing
 from lynx_sglang.sglang.runtime import LynxRuntime
 from lynx_sglang.step import moe_layer_step
 
@@ -200,6 +201,7 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
             cache=self.cache,
             stats=rt.stats,
             similarity=rt.similarity,
+            routing=rt.routing[self.index],
         )
         return StandardCombineInput(hidden_states=out)
 
@@ -223,6 +225,42 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
             return self.base_method.apply(layer, call).hidden_states
 
         return kernel
+
+
+def routing_of(topk: torch.nn.Module, experts: torch.nn.Module) -> Routing:
+    """The routing rule of a MoE block: its SGLang ``TopK`` (how ids are chosen and weighed)
+    and its ``FusedMoE`` (how many fused shared-expert columns end each row: DeepSeek's router
+    writes them, Qwen's block appends them), or ``UnsupportedConfig`` naming what selection
+    cannot follow."""
+    from sglang.srt.layers.moe.topk import TopK, is_routed_scaling_factor_fused_in_topk
+
+    from lynx_sglang.sglang.checks import UnsupportedConfig
+
+    layer = getattr(topk, "layer_id", "?")
+    if type(topk) is not TopK:
+        raise UnsupportedConfig(
+            f"lynx-sglang: layer {layer} routes through {type(topk).__name__}, not SGLang's TopK "
+            "(hash routing and custom routers are not supported)"
+        )
+    c = topk.topk_config
+    if c.custom_routing_function is not None:
+        raise UnsupportedConfig(f"lynx-sglang: layer {layer} has a custom routing function")
+    if c.scoring_func not in SCORINGS:
+        raise UnsupportedConfig(
+            f"lynx-sglang: layer {layer} scores experts by {c.scoring_func}; selection follows "
+            f"{' and '.join(SCORINGS)} routers"
+        )
+    if c.shared_experts.use_waterfill:
+        raise UnsupportedConfig(f"lynx-sglang: layer {layer} appends shared experts by Waterfill")
+    scale = c.routed_scaling_factor
+    folded = bool(scale) and is_routed_scaling_factor_fused_in_topk(c)
+    return Routing(
+        scoring=c.scoring_func,
+        renormalize=bool(c.renormalize),
+        correction_bias=c.correction_bias,
+        weight_scale=float(scale) if folded else 1.0,
+        shared_columns=int(getattr(experts, "num_fused_shared_experts", 0) or 0),
+    )
 
 
 def spread_unused(slot_ids: torch.Tensor, unused: torch.Tensor, num_slots: int) -> torch.Tensor:

@@ -14,9 +14,10 @@ from typing import Any, Optional
 import torch
 
 from lynx_sglang.config import LynxConfig
+from lynx_sglang.selection.routing import SOFTMAX_TOPK, Routing
 from lynx_sglang.selection.similarity import expert_similarity
 from lynx_sglang.selection.types import ExpertSimilarity
-from lynx_sglang.sglang.checks import moe_layer_ids, num_experts_of
+from lynx_sglang.sglang.checks import moe_layer_ids, num_experts_of, text_config
 from lynx_sglang.step import (
     NOT_DECODE,
     SelectionStats,
@@ -43,12 +44,14 @@ class ModelFacts:
 
     @classmethod
     def from_hf_config(cls, hf_config: Any, dtype: torch.dtype) -> ModelFacts:
-        """Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE config fields."""
-        inter = getattr(hf_config, "moe_intermediate_size", None) or hf_config.intermediate_size
+        """Mixtral / Qwen2-MoE / Qwen3-MoE / Qwen3-Next / Qwen3.5 / OLMoE / DeepSeek / GLM-4.5
+        config fields (a multimodal config's text part)."""
+        text = text_config(hf_config)
+        inter = getattr(text, "moe_intermediate_size", None) or text.intermediate_size
         return cls(
-            num_experts=num_experts_of(hf_config),
-            top_k=hf_config.num_experts_per_tok,
-            hidden_size=hf_config.hidden_size,
+            num_experts=num_experts_of(text),
+            top_k=text.num_experts_per_tok,
+            hidden_size=text.hidden_size,
             intermediate_size=inter,
             moe_layer_ids=moe_layer_ids(hf_config),
             dtype=dtype,
@@ -65,6 +68,8 @@ class LynxRuntime:
         self.model = model
         self.device = torch.device(device)
         self.step = NOT_DECODE
+        # Each MoE layer's routing rule (read off its TopK when the model has loaded).
+        self.routing: list[Routing] = [SOFTMAX_TOPK] * len(model.moe_layer_ids)
         # MoE decoder layer id -> dense index into the store / cache / stats ([L] tables).
         self.layer_index = {lid: i for i, lid in enumerate(model.moe_layer_ids)}
         num_layers = len(model.moe_layer_ids)

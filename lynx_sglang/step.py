@@ -119,7 +119,9 @@ def moe_layer_step(
         if keep is not None:
             keep = keep.at_layer(layer + 1)
         sim = similarity[layer + 1] if similarity is not None else None
-        votes = predict_votes(x, cache.router(layer + 1), ids.shape[1], keep, step, sim)
+        votes = predict_votes(
+            x, cache.router(layer + 1), ids.shape[1], keep, step, sim, cache.routing(layer + 1)
+        )
     plan = cache.prepare(layer, ids, scores, votes, step.captured)
     # 5. the fused kernel once per wave (one unless the step needs more experts than slots)
     experts = cache.slot_weights(layer)
@@ -155,12 +157,14 @@ def predict_votes(
     selection: Optional[SelectionParams],
     step: Step,
     similarity: Optional[ExpertSimilarity] = None,
+    routing: Routing = SOFTMAX_TOPK,
 ) -> torch.Tensor:
     """Tokens voting for each expert of the next layer: its router [E, H] applied to this
-    layer's input x [T, H], top-k per token, through the next layer's selection when given
-    (prefetch then copies the kept set; miss-aware selection is not applied to the
-    prediction). [E] float32 on x's device; padding rows do not vote."""
-    logits = x.to(router_next.dtype) @ router_next.t()  # [T, E]
+    layer's input x [T, H], top-k per token by the next layer's choice scores (``routing``;
+    group limits aside), through the next layer's selection when given (prefetch then copies
+    the kept set; miss-aware selection is not applied to the prediction). [E] float32 on x's
+    device; padding rows do not vote."""
+    logits = selection_logits(x.to(router_next.dtype) @ router_next.t(), routing)  # [T, E]
     ids = logits.topk(top_k, dim=-1).indices  # [T, k]
     num_valid = step.num_valid if step.decode else None
     if selection is not None and selects(step, ids.shape[0], selection.min_batch):

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from lynx_sglang.config import EVICTIONS, EXECUTORS, PREFETCHES, SLOT_POOLS, CacheParams
+from lynx_sglang.selection.routing import SOFTMAX_TOPK, Routing
 
 from .counters import Counters
 from .eager import EagerExecutor
@@ -122,6 +123,7 @@ class ExpertCache:
             )  # fmt: skip
         if executor == "hybrid":
             self.executor = HybridExecutor(eager, device)
+        self.routings: dict[int, Routing] = {}  # layer -> routing rule, with its router
 
     @classmethod
     def from_config(
@@ -172,13 +174,15 @@ class ExpertCache:
         self.executor.end_step(layer)
 
     # ---------------------------------------------------------------- prefetch
-    def set_router(self, layer: int, weight: torch.Tensor) -> None:
-        """Give the cache layer ``layer``'s router weight [E, H] (for cross-layer prefetch)."""
+    def set_router(self, layer: int, weight: torch.Tensor, routing: Routing = SOFTMAX_TOPK) -> None:
+        """Give the cache layer ``layer``'s router weight [E, H] and its routing rule (for
+        cross-layer prefetch: the prediction chooses the way the model does)."""
         if weight.shape[0] != self.store.num_experts:
             raise ValueError(
                 f"router weight must be [E={self.store.num_experts}, H], got {tuple(weight.shape)}"
             )
         self.executor.routers[layer] = weight
+        self.routings[layer] = routing
 
     def predicts(self, layer: int) -> bool:
         """Whether the step of ``layer`` should predict the next layer's experts (cross-layer)."""
@@ -191,6 +195,10 @@ class ExpertCache:
     def router(self, layer: int) -> torch.Tensor:
         """Layer ``layer``'s router weight [E, H] (given by ``set_router``)."""
         return self.executor.routers[layer]
+
+    def routing(self, layer: int) -> Routing:
+        """Layer ``layer``'s routing rule (given by ``set_router``)."""
+        return self.routings[layer]
 
     def prefetch(self, layer: int, experts: torch.Tensor | np.ndarray | list[int]) -> None:
         """Start copying ``experts`` (ids, best first, or an [E] bool mask) of ``layer`` into

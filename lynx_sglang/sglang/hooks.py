@@ -160,7 +160,8 @@ def _finish_load(runtime: rt_mod.LynxRuntime, model: torch.nn.Module) -> None:
             if isinstance(experts, FusedMoE) and isinstance(
                 getattr(gate, "weight", None), torch.Tensor
             ):
-                runtime.cache.set_router(runtime.index(experts.layer_id), gate.weight)
+                index = runtime.index(experts.layer_id)
+                runtime.cache.set_router(index, gate.weight, runtime.routing[index])
 
 
 def _describe(cfg: LynxConfig, runtime: rt_mod.LynxRuntime) -> str:

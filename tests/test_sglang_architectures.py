@@ -96,12 +96,12 @@ def facts(hf_config) -> ModelFacts:
     return ModelFacts.from_hf_config(hf_config, torch.float32)
 
 
-def runtime_for(hf_config, **cfg) -> LynxRuntime:
+def runtime_for(hf_config, device="cpu", **cfg) -> LynxRuntime:
     cfg = {"layer_budgets": "", "miss_budget": 0.0, "prefetch": "off", **cfg}
-    return LynxRuntime(LynxConfig(**cfg), facts(hf_config), torch.device("cpu"), stats=True)
+    return LynxRuntime(LynxConfig(**cfg), facts(hf_config), torch.device(device), stats=True)
 
 
-def build_deepseek(w: dict, runtime: LynxRuntime | None, fused_shared: bool = False):
+def build_deepseek(w: dict, runtime: LynxRuntime | None, fused_shared: bool = False, device="cpu"):
     """SGLang's DeepseekV2MoE at DS_LAYER, loaded, with the model-load hook's last step run
     (every layer wrapped, each router's rule read) when a runtime is given."""
     from sglang.srt.configs.shared_experts import SharedExpertsConfig
@@ -110,7 +110,7 @@ def build_deepseek(w: dict, runtime: LynxRuntime | None, fused_shared: bool = Fa
 
     fused = SharedExpertsConfig(num_fused_shared_experts=1) if fused_shared else None
     ctx = get_model().override(shared_experts=fused) if fused else contextlib.nullcontext()
-    with ctx, activated(runtime):
+    with ctx, activated(runtime), torch.device(device):
         block = DeepseekV2MoE(deepseek_config(), layer_id=DS_LAYER, quant_config=None,
                               prefix=f"model.layers.{DS_LAYER}.mlp")  # fmt: skip
     assert block.experts.num_fused_shared_experts == int(fused_shared)
@@ -380,6 +380,47 @@ def test_qwen_selection_follows_its_routing(sglang_layers, norm):
     ids, wts = sel.topk_ids.long(), sel.topk_weights
     check_selection(logits, stock.topk_ids.long(), stock.topk_weights, ids, wts, budget, own)
     torch.testing.assert_close(out, qwen_ref(w, x, ids, wts), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_deepseek_cuda_router_and_selection(sglang_layers, fused):
+    """On CUDA the block routes through SGLang's fused grouped top-k kernel (the CPU tests use
+    its torch-native path): the same choices as the rule by hand, and selection (its Triton
+    kernels) follows the model's rule there too."""
+    budget = 0.5
+    w = random_weights(7, INTER)
+    runtime = runtime_for(deepseek_config(), "cuda", mode="lynx", budget=budget)
+    block = build_deepseek(w, runtime, fused, device="cuda")
+    x = inputs(7).cuda()
+    logits = x @ w["gate"].cuda().t()
+    _, ids, weights = deepseek_routing(w, x.cpu())
+    stock = block.topk(x, logits)
+    got_ids, got_w = sort_rows(
+        stock.topk_ids[:, :TOP_K].long().cpu(), stock.topk_weights[:, :TOP_K].cpu()
+    )
+    want_ids, want_w = sort_rows(ids, weights)
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_w, want_w, atol=1e-5, rtol=1e-5)
+    with (
+        activated(runtime),
+        runtime.scope(runtime.decode_step(TOKENS)),
+        kernel_calls(block.experts) as k,
+    ):
+        out = block(x)
+    (sel,) = k
+    sel_ids, sel_w = sel.topk_ids[:, :TOP_K].long().cpu(), sel.topk_weights[:, :TOP_K].cpu()
+    lg = logits.cpu()
+    score = lg.sigmoid()
+
+    def own(new_ids):
+        s = score.gather(1, new_ids)
+        return s / s.sum(-1, keepdim=True)
+
+    check_selection(score + w["bias"], stock.topk_ids[:, :TOP_K].long().cpu(),
+                    stock.topk_weights[:, :TOP_K].cpu(), sel_ids, sel_w, budget, own)  # fmt: skip
+    expected = deepseek_ref(w, x.cpu(), sel_ids, sel_w)
+    torch.testing.assert_close(out.float().cpu(), expected, atol=1e-3, rtol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,6 +45,25 @@ def deepseek_config():
     )  # fmt: skip
 
 
+def glm_config():
+    from transformers import Glm4MoeConfig
+
+    return Glm4MoeConfig(
+        hidden_size=H, intermediate_size=128, moe_intermediate_size=INTER, n_routed_experts=E,
+        num_experts_per_tok=TOP_K, n_group=4, topk_group=2, n_shared_experts=1,
+        routed_scaling_factor=SCALE, norm_topk_prob=True, num_hidden_layers=3,
+        first_k_dense_replace=1, architectures=["Glm4MoeForCausalLM"],
+    )  # fmt: skip
+
+
+# The DeepSeek-routed blocks: (config, block class in SGLang). GLM-4.5's TopK keeps the default
+# scoring_func "softmax", while SGLang's biased grouped top-k scores by sigmoid regardless.
+DEEPSEEK_ROUTED = {
+    "deepseek": (deepseek_config, "sglang.srt.models.deepseek_v2:DeepseekV2MoE"),
+    "glm4.5": (glm_config, "sglang.srt.models.glm4_moe:Glm4MoeSparseMoeBlock"),
+}
+
+
 def qwen_config(norm: bool):
     from transformers import Qwen2MoeConfig
 
@@ -101,18 +120,26 @@ def runtime_for(hf_config, device="cpu", **cfg) -> LynxRuntime:
     return LynxRuntime(LynxConfig(**cfg), facts(hf_config), torch.device(device), stats=True)
 
 
-def build_deepseek(w: dict, runtime: LynxRuntime | None, fused_shared: bool = False, device="cpu"):
-    """SGLang's DeepseekV2MoE at DS_LAYER, loaded, with the model-load hook's last step run
-    (every layer wrapped, each router's rule read) when a runtime is given."""
+def build_deepseek(
+    w: dict, runtime: LynxRuntime | None, fused_shared: bool = False, device="cpu", kind="deepseek"
+):
+    """SGLang's DeepseekV2MoE (or another DeepSeek-routed block) at DS_LAYER, loaded, with the
+    model-load hook's last step run (every layer wrapped, each router's rule read) when a
+    runtime is given."""
+    import importlib
+
     from sglang.srt.configs.shared_experts import SharedExpertsConfig
-    from sglang.srt.models.deepseek_v2 import DeepseekV2MoE
     from sglang.srt.runtime_context import get_model
+
+    make_config, where = DEEPSEEK_ROUTED[kind]
+    module, name = where.split(":")
+    block_class = getattr(importlib.import_module(module), name)
 
     fused = SharedExpertsConfig(num_fused_shared_experts=1) if fused_shared else None
     ctx = get_model().override(shared_experts=fused) if fused else contextlib.nullcontext()
     with ctx, activated(runtime), torch.device(device):
-        block = DeepseekV2MoE(deepseek_config(), layer_id=DS_LAYER, quant_config=None,
-                              prefix=f"model.layers.{DS_LAYER}.mlp")  # fmt: skip
+        block = block_class(make_config(), layer_id=DS_LAYER, quant_config=None,
+                            prefix=f"model.layers.{DS_LAYER}.mlp")  # fmt: skip
     assert block.experts.num_fused_shared_experts == int(fused_shared)
     with torch.no_grad():
         block.gate.weight.copy_(w["gate"])
@@ -224,11 +251,12 @@ def inputs(seed: int, tokens: int = TOKENS):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", DEEPSEEK_ROUTED)
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
-def test_deepseek_stock_block_is_the_models_rule(sglang_layers, fused):
+def test_deepseek_stock_block_is_the_models_rule(sglang_layers, fused, kind):
     """The oracle first: SGLang's block (plugin off) equals the rule written by hand."""
     w = random_weights(0, INTER)
-    block = build_deepseek(w, None, fused)
+    block = build_deepseek(w, None, fused, kind=kind)
     x = inputs(0)
     logits, ids, weights = deepseek_routing(w, x)
     topk = block.topk.forward_native(x, logits)
@@ -310,16 +338,18 @@ def check_selection(logits, stock_ids, stock_w, got_ids, got_w, budget, own_weig
     torch.testing.assert_close(got_w[changed], own_weights(got_ids)[changed], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("kind", DEEPSEEK_ROUTED)
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
-def test_deepseek_selection_follows_its_routing(sglang_layers, fused):
+def test_deepseek_selection_follows_its_routing(sglang_layers, fused, kind):
     """lynx on DeepSeek: scores and the kept set from the biased sigmoid scores that chose the
     experts; a moved choice weighed by its unbiased score renormalised over the row; the shared
     column (fused) untouched and never counted; the output the model's rule on those choices."""
     budget = 0.5
     w = random_weights(4, INTER)
-    runtime = runtime_for(deepseek_config(), mode="lynx", budget=budget)
-    block = build_deepseek(w, runtime, fused)
+    runtime = runtime_for(DEEPSEEK_ROUTED[kind][0](), mode="lynx", budget=budget)
+    block = build_deepseek(w, runtime, fused, kind=kind)
     assert runtime.routing[0].shared_columns == int(fused)
+    assert runtime.routing[0].scoring == "sigmoid"
     x = inputs(4)
     logits = x @ w["gate"].t()
     stock = block.topk.forward_native(x, logits)

@@ -245,9 +245,13 @@ def routing_of(topk: torch.nn.Module, experts: torch.nn.Module) -> Routing:
     c = topk.topk_config
     if c.custom_routing_function is not None:
         raise UnsupportedConfig(f"lynx-sglang: layer {layer} has a custom routing function")
-    if c.scoring_func not in SCORINGS:
+    # SGLang's biased grouped top-k scores by sigmoid whatever scoring_func says (GLM-4.5
+    # leaves it at "softmax"); every other path honours scoring_func.
+    biased_grouped = c.use_grouped_topk and c.correction_bias is not None
+    scoring = "sigmoid" if biased_grouped else c.scoring_func
+    if scoring not in SCORINGS:
         raise UnsupportedConfig(
-            f"lynx-sglang: layer {layer} scores experts by {c.scoring_func}; selection follows "
+            f"lynx-sglang: layer {layer} scores experts by {scoring}; selection follows "
             f"{' and '.join(SCORINGS)} routers"
         )
     if c.shared_experts.use_waterfill:
@@ -255,7 +259,7 @@ def routing_of(topk: torch.nn.Module, experts: torch.nn.Module) -> Routing:
     scale = c.routed_scaling_factor
     folded = bool(scale) and is_routed_scaling_factor_fused_in_topk(c)
     return Routing(
-        scoring=c.scoring_func,
+        scoring=scoring,
         renormalize=bool(c.renormalize),
         correction_bias=c.correction_bias,
         weight_scale=float(scale) if folded else 1.0,

@@ -68,11 +68,11 @@ def print_report(result: dict) -> None:
         print(f"\nthe same counters projected at other expert sizes (product over offload (ours),\n"
               f"K={kf:g}·E):")  # fmt: skip
         print(
-            f"  {'shape':<16}{'MB/expert':>10}{'layers':>7}" + "".join(f"{'B=' + b:>8}" for b in bs)
+            f"  {'shape':<19}{'MB/expert':>10}{'layers':>7}" + "".join(f"{'B=' + b:>8}" for b in bs)
         )
         for name, e in result["by_shape"].items():
             sp = "".join(f"{e['speedup'][b]:>8.2f}" for b in bs)
-            print(f"  {name:<16}{e['expert_bytes'] / 1e6:>10.2f}{e['layers']:>7}{sp}")
+            print(f"  {name:<19}{e['expert_bytes'] / 1e6:>10.2f}{e['layers']:>7}{sp}")
     g = result["goal"]
     print(f"\ngoal: >= {g['speedup']}x at batch {g['batches']} within the quality goal, "
           f"{g['on']}: {'met' if g['met'] else 'NOT met'}")

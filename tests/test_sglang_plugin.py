@@ -1,8 +1,10 @@
 """The plugin through SGLang's own loader: discovered by entry point, installed once however
-often it is loaded, and a requested mode with missing hooks raises instead of running stock."""
+often it is loaded, nothing of ours imported unless asked, and a requested mode with missing hooks
+raises instead of running stock."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,14 +17,36 @@ pytest.importorskip("sglang")
 from sglang.srt.plugins import GENERAL_PLUGINS_GROUP, load_plugins, load_plugins_by_group  # noqa: E402
 from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
 
+from lynx_sglang import config  # noqa: E402
 from lynx_sglang.sglang import plugin  # noqa: E402
+
+# What SGLang's plugin loader imports of ours in a process not asked for lynx-sglang.
+ENTRY_ONLY = ["lynx_sglang", "lynx_sglang.sglang", "lynx_sglang.sglang.plugin"]
 
 
 @pytest.fixture
 def lynx_env(monkeypatch):
-    """Only our plugin, and a LYNX_SGLANG_* setting so that it registers."""
+    """Only our plugin, and a lynx mode so that it registers."""
     monkeypatch.setenv("SGLANG_PLUGINS", "lynx_sglang")
-    monkeypatch.setenv("LYNX_SGLANG_MODE", "off")
+    monkeypatch.setenv("LYNX_SGLANG_MODE", "lynx")
+
+
+def _without_lynx_env(**extra: str) -> dict[str, str]:
+    """This environment less every LYNX_* variable, only our plugin, and ``extra`` on top."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LYNX_")}
+    return {**env, "SGLANG_PLUGINS": "lynx_sglang", **extra}
+
+
+def _run(script: str, env: dict[str, str]) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 def test_entry_point_is_discovered(lynx_env):
@@ -80,24 +104,89 @@ def test_missing_hooks_raise_when_a_mode_is_requested():
                 print("silent", name)
         """
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LYNX_")}
-    env["SGLANG_PLUGINS"] = "lynx_sglang"
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = [line for line in done.stdout.splitlines() if line.startswith(("raised", "silent"))]
+    out = _run(script, _without_lynx_env())
+    lines = [line for line in out.splitlines() if line.startswith(("raised", "silent"))]
     assert lines == ["raised verify", "raised load_model", "raised check_server_args"]
 
 
-def test_register_is_a_noop_without_lynx_settings(monkeypatch):
+@pytest.mark.parametrize("mode", [None, "off", " off "])
+def test_register_is_a_noop_without_lynx_settings_or_with_mode_off(monkeypatch, mode):
     for key in list(os.environ):
         if key.startswith("LYNX_"):
             monkeypatch.delenv(key)
-    assert not plugin.wanted()
+    if mode is not None:
+        monkeypatch.setenv("LYNX_SGLANG_MODE", mode)
+        monkeypatch.setenv("LYNX_SGLANG_BUDGET", "0.5")
+    assert not plugin.asked()
     before = {t: list(h) for t, h in HookRegistry._hooks.items()}
     plugin.register()
     assert {t: list(h) for t, h in HookRegistry._hooks.items()} == before
+
+
+def test_asked_means_one_of_our_settings_and_mode_not_off():
+    assert not plugin.asked({})
+    assert not plugin.asked({"LYNX_MODE": "lynx", "LYNX_HOME": "/opt/lynx"})  # not ours
+    assert not plugin.asked({"LYNX_SGLANG_MODE": "off", "LYNX_SGLANG_BUDGET": "0.5"})
+    assert plugin.asked({"LYNX_SGLANG_MODE": "lynx"})
+    assert plugin.asked({"LYNX_SGLANG_MODE": "lynx+offload", "LYNX_SGLANG_SLOTS": "32"})
+    assert plugin.asked({"LYNX_SGLANG_BUDGET": "0.5"})  # as today: the mode check reads it
+    assert plugin.asked({"LYNX_SGLANG_MOD": "lynx"})  # misspelt: the start-up check names it
+
+
+def test_the_entry_point_reads_configs_variable_names():
+    """The entry module writes the names out (importing config costs every process): same names."""
+    assert plugin.ENV_PREFIX == config.ENV_PREFIX
+    assert plugin.MODE_ENV == config.env_name("mode")
+    assert config.LynxConfig.from_env({plugin.MODE_ENV: " off "}).mode == "off"
+    assert config.LynxConfig().mode == "off"  # the default: the launcher exports it when unset
+
+
+@pytest.mark.slow
+def test_sglang_loads_nothing_of_ours_unless_asked():
+    """A fresh process without our settings, then with the mode off: SGLang's loader imports
+    the entry module and its packages only, and registers no hook (SGLang stays stock)."""
+    script = """
+        import json, os, sys
+        import sglang.srt.plugins as plugins
+
+        def ours():
+            return sorted(m for m in sys.modules if m.split(".")[0] == "lynx_sglang")
+
+        plugins.load_plugins()
+        unset = ours()
+        os.environ["LYNX_SGLANG_MODE"] = "off"
+        plugins._plugins_loaded = False  # SGLang's once-per-process guard
+        plugins.load_plugins()
+        off = ours()
+        from lynx_sglang.sglang import hooks
+        print(json.dumps({"unset": unset, "off": off, "missing": hooks.missing_hooks(),
+                          "registered": sorted(plugins.HookRegistry._hooks)}))
+        """
+    got = json.loads(_run(script, _without_lynx_env()).splitlines()[-1])
+    assert got["unset"] == ENTRY_ONLY
+    assert got["off"] == ENTRY_ONLY
+    assert got["missing"] == [h.target for h in plugin.HOOKS]
+    assert not set(got["registered"]) & {h.target for h in plugin.HOOKS}
+
+
+@pytest.mark.slow
+def test_sglang_registers_every_hook_once_when_a_mode_is_set():
+    """A fresh process with only LYNX_SGLANG_MODE set: SGLang's discovery loads our entry point
+    and calling it registers every hook once (SGLang applies them; tested in-process above)."""
+    script = """
+        import json
+        from sglang.srt.plugins import GENERAL_PLUGINS_GROUP, load_plugins_by_group
+        from sglang.srt.plugins.hook_registry import HookRegistry
+        from lynx_sglang.sglang import hooks
+
+        (register, _), = load_plugins_by_group(GENERAL_PLUGINS_GROUP).values()
+        register()
+        register()
+        print(json.dumps({h.target: sum(fn is h.fn for _, fn, _ in HookRegistry._hooks.get(h.target, ()))
+                          for h in hooks.HOOKS}))
+        """
+    got = json.loads(_run(script, _without_lynx_env(LYNX_SGLANG_MODE="lynx")).splitlines()[-1])
+    assert got == {h.target: 1 for h in plugin.HOOKS}
 
 
 def test_a_foreign_variable_sharing_the_old_prefix_leaves_sglang_stock(monkeypatch):

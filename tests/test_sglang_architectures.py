@@ -534,15 +534,16 @@ def test_facts_follow_each_family():
         assert problems(cfg, fact) == []
 
 
-def test_deepseek_v4_and_fp8_checkpoints_are_refused_in_one_line():
+def test_deepseek_v4_and_unpaged_formats_are_refused_in_one_line():
     from lynx_sglang.sglang.checks import ServingFacts, check
 
-    cfg = LynxConfig(mode="lynx")
     with pytest.raises(UnsupportedConfig, match="DeepSeek-V4 is not supported"):
-        check(cfg, ServingFacts(architecture="DeepseekV4ForCausalLM"))
+        check(LynxConfig(mode="lynx"), ServingFacts(architecture="DeepseekV4ForCausalLM"))
     fp8 = ServingFacts(architecture="DeepseekV3ForCausalLM", quantization="fp8")
-    with pytest.raises(UnsupportedConfig, match=r"fp8 \(DeepSeek-V3 / Kimi K2's quantised") as e:
-        check(cfg, fp8)
+    check(LynxConfig(mode="lynx+offload", slots=16), fp8)  # DeepSeek-V3's FP8 release: paged
+    int4 = ServingFacts(architecture="DeepseekV3ForCausalLM", quantization="compressed-tensors")
+    with pytest.raises(UnsupportedConfig, match=r"compressed-tensors experts \(DeepSeek-V3") as e:
+        check(LynxConfig(mode="offload", slots=16), int4)
     assert "\n" not in str(e.value)
 
 

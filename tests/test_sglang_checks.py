@@ -41,7 +41,8 @@ def test_supported_setups_pass(mode):
     "mode, changes, needle",
     [
         ("lynx", {"moe_runner_backend": "flashinfer_cutlass"}, "--moe-runner-backend flashinfer_cutlass"),
-        ("lynx", {"quantization": "fp8"}, "quantization fp8"),
+        ("offload", {"quantization": "gptq"}, "does not page gptq experts"),
+        ("lynx+offload", {"quantization": "mxfp4"}, "does not page mxfp4 experts"),
         ("lynx", {"ep_size": 2}, "expert parallelism"),
         ("lynx", {"moe_a2a_backend": "deepep"}, "--moe-a2a-backend deepep"),
         ("lynx", {"dp_size": 2}, "data parallelism"),
@@ -106,7 +107,12 @@ def test_moe_layers_and_experts_from_hf_configs():
     assert facts.intermediate_size == mixtral.intermediate_size
 
 
-def test_hf_config_facts_reject_quantised_checkpoints():
+def test_similar_policy_needs_bf16_weights():
+    with pytest.raises(UnsupportedConfig, match="--lynx-policy similar reads bf16"):
+        check(LynxConfig(mode="lynx", policy="similar"), facts(quantization="fp8"))
+
+
+def test_hf_config_facts_name_the_checkpoint_format():
     transformers = pytest.importorskip("transformers")
     from lynx_sglang.sglang.checks import with_hf_config
 
@@ -117,7 +123,13 @@ def test_hf_config_facts_reject_quantised_checkpoints():
         "Qwen3MoeForCausalLM", 8, 64, None
     )  # fmt: skip
     hf.quantization_config = {"quant_method": "fp8"}
-    assert "quantization fp8" in " ".join(problems(LynxConfig(mode="lynx"), with_hf_config(f, hf)))
+    fp8 = with_hf_config(f, hf)
+    assert fp8.quantization == "fp8"
+    assert problems(LynxConfig(mode="lynx"), fp8) == []  # selection rewrites ids of any format
+    assert problems(LynxConfig(mode="offload", slots=16), fp8) == []  # paged as it is
+    hf.quantization_config = {"quant_method": "awq"}
+    (line,) = problems(LynxConfig(mode="offload", slots=16), with_hf_config(f, hf))
+    assert "does not page awq experts" in line and "--lynx-mode lynx" in line
 
 
 def test_facts_from_real_server_args():

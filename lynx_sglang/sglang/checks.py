@@ -38,13 +38,21 @@ REFUSED_ARCHITECTURES = {
     ),
 }
 SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
+# Checkpoint formats whose experts the offload modes page: every per-expert tensor of the layer's
+# own quant method (weights and scales) in the host store and the slots, its kernel on the slots.
+# `lynx` alone serves any quant method whose layer runs on the triton MoE runner.
+OFFLOAD_QUANTIZATIONS = ("fp8", "w8a8_fp8", "w8a8_int8")
+OFFLOAD_FORMATS = (
+    "bf16/fp16, FP8 checkpoints (block or per-channel: fp8, w8a8_fp8) and W8A8 int8 (w8a8_int8)"
+)
 SUPPORTED_RUNNERS = ("auto", "triton")
 
 SUPPORTED = (
-    "lynx-sglang supports unquantised bf16/fp16 MoE on the triton MoE runner "
+    "lynx-sglang supports MoE on the triton MoE runner "
     f"({', '.join(SUPPORTED_ARCHITECTURES.values())}), single data-parallel rank, "
     "no expert parallelism, no speculative decoding, no torch.compile; "
-    "offload also needs --tp-size 1, real weights, top_k <= --lynx-slots <= experts, shared "
+    f"offload also needs experts in {OFFLOAD_FORMATS}, --tp-size 1, real weights, "
+    "top_k <= --lynx-slots <= experts, shared "
     "experts unfused (--disable-shared-experts-fusion), prefill CUDA graphs off "
     "(--disable-prefill-cuda-graph), and --disable-cuda-graph with --lynx-executor eager"
 )
@@ -90,11 +98,18 @@ def problems(cfg: LynxConfig, facts: ServingFacts) -> list[str]:
         out.append(REFUSED_ARCHITECTURES[f.architecture])
     elif f.architecture is not None and f.architecture not in SUPPORTED_ARCHITECTURES:
         out.append(f"model architecture {f.architecture} is not supported")
-    if f.quantization not in (None, "", "none"):
+    quantized = f.quantization not in (None, "", "none")
+    if quantized and cfg.offload_on and f.quantization not in OFFLOAD_QUANTIZATIONS:
         model = SUPPORTED_ARCHITECTURES.get(f.architecture or "", "the model")
         out.append(
-            f"quantization {f.quantization} ({model}'s quantised checkpoint) is not supported: "
-            "use its bf16 checkpoint"
+            f"--lynx-mode {cfg.mode} does not page {f.quantization} experts ({model}'s "
+            f"checkpoint; GPTQ/AWQ/Marlin repack after loading): it pages {OFFLOAD_FORMATS} "
+            "(or use --lynx-mode lynx)"
+        )
+    if quantized and cfg.selection_on and cfg.policy == "similar":
+        out.append(
+            f"--lynx-policy similar reads bf16 expert weights, not {f.quantization} ones "
+            "(use --lynx-policy lynx)"
         )
     if f.dtype is not None and f.dtype not in SUPPORTED_DTYPES:
         out.append(f"dtype {f.dtype} is not supported")
@@ -231,13 +246,7 @@ def with_hf_config(facts: ServingFacts, hf_config: Any) -> ServingFacts:
     a checkpoint quantisation)."""
     architectures = getattr(hf_config, "architectures", None) or [None]
     text = text_config(hf_config)
-    quant = getattr(hf_config, "quantization_config", None) or getattr(
-        text, "quantization_config", None
-    )
-    if isinstance(quant, dict):
-        quant = quant.get("quant_method") or "quantised checkpoint"
-    elif quant is not None:
-        quant = getattr(quant, "quant_method", None) or "quantised checkpoint"
+    quant = checkpoint_quantization(hf_config)
     return dataclasses.replace(
         facts,
         architecture=architectures[0],
@@ -246,6 +255,18 @@ def with_hf_config(facts: ServingFacts, hf_config: Any) -> ServingFacts:
         moe_layers=len(moe_layer_ids(hf_config)) if hasattr(text, "num_hidden_layers") else None,
         quantization=facts.quantization or quant,
     )
+
+
+def checkpoint_quantization(hf_config: Any) -> Optional[str]:
+    """The checkpoint's quantisation method (its ``quantization_config``), or None."""
+    quant = getattr(hf_config, "quantization_config", None) or getattr(
+        text_config(hf_config), "quantization_config", None
+    )
+    if quant is None:
+        return None
+    if isinstance(quant, dict):
+        return quant.get("quant_method") or "quantised checkpoint"
+    return getattr(quant, "quant_method", None) or "quantised checkpoint"
 
 
 def text_config(hf_config: Any) -> Any:

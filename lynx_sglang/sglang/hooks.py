@@ -100,7 +100,6 @@ def _start_runtime(cfg: LynxConfig, runner: Any) -> rt_mod.LynxRuntime:
     runtime = rt_mod.LynxRuntime(cfg, model, device, stats=reporter.enabled)
     runtime.reporter = reporter
     reporter.attach(runtime)
-    logger.info("lynx-sglang: %s on %s", _describe(cfg, runtime), device)
     return runtime
 
 
@@ -162,6 +161,7 @@ def _finish_load(runtime: rt_mod.LynxRuntime, model: torch.nn.Module) -> None:
             ):
                 index = runtime.index(experts.layer_id)
                 runtime.cache.set_router(index, gate.weight, runtime.routing[index])
+    logger.info("lynx-sglang: %s on %s", _describe(runtime.cfg, runtime), runtime.device)
 
 
 def _describe(cfg: LynxConfig, runtime: rt_mod.LynxRuntime) -> str:
@@ -170,12 +170,17 @@ def _describe(cfg: LynxConfig, runtime: rt_mod.LynxRuntime) -> str:
         parts.append(f"policy={cfg.policy} budget={cfg.budget} max_experts={cfg.max_experts}")
         if cfg.layer_budgets:
             parts.append(f"layer_budgets={cfg.layer_budgets}")
-        if runtime.cache is not None and cfg.miss_aware:
+        if runtime.cache is not None and cfg.selection.miss_aware:
             parts.append(f"miss_budget={cfg.miss_budget}")
     if runtime.cache is not None:
+        store, cache = runtime.cache.store, runtime.cache
+        slot_bytes = sum(t.numel() * t.element_size() for t in cache.slots.tensors.values())
         parts.append(
-            f"slots={runtime.cache.num_slots}/{runtime.model.num_experts} pool={cfg.slot_pool} "
-            f"eviction={cfg.eviction} prefetch={cfg.prefetch} executor={cfg.executor}"
+            f"slots={cache.num_slots}/{runtime.model.num_experts} pool={cfg.slot_pool} "
+            f"eviction={cfg.eviction} prefetch={cfg.prefetch} executor={cfg.executor} "
+            f"experts={runtime.model.quantization or str(runtime.model.dtype).removeprefix('torch.')} "
+            f"({store.nbytes_per_expert / 2**20:.2f} MiB each with scales) "
+            f"host={store.buffer.numel() / 2**30:.2f} GiB gpu_slots={slot_bytes / 2**30:.2f} GiB"
         )
     return " ".join(parts)
 
@@ -235,23 +240,29 @@ def around_fused_moe_init(original: Callable, layer: Any, *args: Any, **kwargs: 
     bound = _fused_moe_signature().bind(layer, *args, **kwargs)
     bound.apply_defaults()
     given = bound.arguments
-    if runtime.cache is None:
+    if not runtime.cfg.offload_on:
         original(*bound.args, **bound.kwargs)
         layer.weight_load_method = layer.weight_load_method or layer.quant_method
         layer.quant_method = LynxMoEMethod(runtime, given["layer_id"], layer.quant_method)
         return None
-    if given.get("quant_config") is not None or given.get("quant_method") is not None:
+    if given.get("quant_method") is not None:
         raise UnsupportedConfig(
-            f"lynx-sglang offload: layer {given.get('layer_id')} is quantised; offload supports "
-            "unquantised bf16/fp16 experts"
+            f"lynx-sglang offload: layer {given.get('layer_id')} comes with its own "
+            f"{type(given['quant_method']).__name__}, which the expert cache does not page"
         )
     if given.get("num_fused_shared_experts"):
         raise UnsupportedConfig(
             "lynx-sglang offload: fused shared experts are not supported "
             "(add --disable-shared-experts-fusion)"
         )
-    base = UnquantizedFusedMoEMethod()
-    given["quant_method"] = LynxMoEMethod(runtime, given["layer_id"], base)
+    quant_config, prefix = given.get("quant_config"), given.get("prefix", "")
+
+    def make_base(moe: Any) -> Any:
+        """The method FusedMoE would choose itself (its quant config's, or unquantised)."""
+        method = quant_config.get_quant_method(moe, prefix) if quant_config is not None else None
+        return method if method is not None else UnquantizedFusedMoEMethod()
+
+    given["quant_method"] = LynxMoEMethod(runtime, given["layer_id"], None, make_base)
     return original(*bound.args, **bound.kwargs)
 
 

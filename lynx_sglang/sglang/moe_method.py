@@ -23,24 +23,99 @@ from sglang.srt.layers.moe.topk import StandardTopKOutput
 from sglang.srt.layers.quantization.base_config import FusedMoEMethodBase
 
 from lynx_sglang.selection.routing import SCORINGS, Routing
+from lynx_sglang.sglang.checks import UnsupportedConfig
 from lynx_sglang.sglang.runtime import LynxRuntime
 from lynx_sglang.step import moe_layer_step
 
-# FusedMoE parameter -> host store tensor.
+# FusedMoE parameter -> host store tensor, where the core knows it by a short name (its
+# benchmarks and kernels read "w13" and "w2"); every other per-expert tensor keeps its name.
 PARAMS = {"w13_weight": "w13", "w2_weight": "w2"}
+_EXPERT_PREFIXES = ("w13_", "w2_")
+
+
+def store_name(param: str) -> str:
+    """The host store's name of a FusedMoE per-expert parameter."""
+    return PARAMS.get(param, param)
+
+
+def _param_name(key: str) -> str:
+    return next((p for p, k in PARAMS.items() if k == key), key)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes (float8 and friends compare bytewise, and NaN-free)."""
+    return t.contiguous().view(torch.uint8)
+
+
+def expert_params(layer: torch.nn.Module, num_experts: int) -> dict[str, torch.Tensor]:
+    """The layer's per-expert parameters: its ``w13_*`` / ``w2_*`` tensors with one row per
+    expert (weights, scales, zero points), by name, as the quant method created them."""
+    return {
+        name: p
+        for name, p in layer.named_parameters(recurse=False)
+        if name.startswith(_EXPERT_PREFIXES) and p.dim() >= 1 and p.shape[0] == num_experts
+    }
+
+
+def check_offload_format(base: Any, layer_id: int) -> None:
+    """Refuse, in one line, a quant method whose experts the cache cannot page: it must be one
+    of the supported formats, keep its weights as loaded (no repack), and load through plain
+    parameters."""
+    from sglang.srt.layers.quantization.fp8 import Fp8MoEMethod
+    from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
+    from sglang.srt.layers.quantization.w8a8_fp8 import W8A8FP8MoEMethod
+    from sglang.srt.layers.quantization.w8a8_int8 import W8A8Int8MoEMethod
+
+    from lynx_sglang.sglang.checks import OFFLOAD_FORMATS, UnsupportedConfig
+
+    ok = isinstance(base, (UnquantizedFusedMoEMethod, W8A8FP8MoEMethod, W8A8Int8MoEMethod))
+    if isinstance(base, Fp8MoEMethod):
+        ok = (
+            base.quant_config.is_checkpoint_fp8_serialized
+            and not getattr(base, "use_mxfp8", False)
+            and not getattr(base, "is_fp4_expert", False)
+        )
+    if not ok:
+        raise UnsupportedConfig(
+            f"lynx-sglang offload: layer {layer_id}'s experts use {type(base).__name__}"
+            f"{_fp8_detail(base)}, which the expert cache does not page; it pages "
+            f"{OFFLOAD_FORMATS}"
+        )
+
+
+def _fp8_detail(base: Any) -> str:
+    config = getattr(base, "quant_config", None)
+    if config is not None and getattr(config, "is_checkpoint_fp8_serialized", True) is False:
+        return " (online FP8 of a bf16 checkpoint)"
+    return ""
 
 
 class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
     """A ``FusedMoE`` quant method: the layer's step through ``moe_layer_step`` over ``base``."""
 
-    def __init__(self, runtime: LynxRuntime, layer_id: int, base_method: Any) -> None:
+    def __init__(
+        self,
+        runtime: LynxRuntime,
+        layer_id: int,
+        base_method: Any,
+        make_base: Optional[Callable[[torch.nn.Module], Any]] = None,
+    ) -> None:
+        """``base_method``: the layer's own method; with offload None and ``make_base`` (the
+        layer -> its quant method, as ``FusedMoE`` would choose it), called once the layer
+        exists and before any weight does."""
         torch.nn.Module.__init__(self)
         self.runtime = runtime
-        self.cache = runtime.cache  # None: every expert resident (in the base's own weights)
         self.index = runtime.index(layer_id)  # dense MoE-layer index in the store and cache
         self.base_method = base_method
+        self._make_base = make_base
         self.runner = getattr(base_method, "runner", None)
         self._host_interleaved = False
+
+    @property
+    def cache(self):
+        """The runtime's expert cache (None: every expert resident, in the base's own weights);
+        with offload it exists from the first MoE layer's ``create_weights`` on."""
+        return self.runtime.cache
 
     # ------------------------------------------------------------------ construction
     def create_weights(
@@ -54,38 +129,50 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
     ) -> None:
         """With offload, the base method's parameters at K rows, bound to the cache's slot
         tensors; without, the base method's own."""
-        if self.cache is None:
+        if not self.runtime.cfg.offload_on:
             self.base_method.create_weights(
                 layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                 **extra,
             )  # fmt: skip
             return
         if extra.get("with_bias"):
-            raise RuntimeError("lynx-sglang offload: MoE experts with biases are not supported")
-        slots = self.cache.slot_weights(self.index)  # {"w13": [K, 2I, H], "w2": [K, H, I]}
-        num_slots = next(iter(slots.values())).shape[0]
-        with torch.device("meta"):  # shapes and loader tags only: the slots are the storage
+            raise UnsupportedConfig(
+                "lynx-sglang offload: MoE experts with biases are not supported"
+            )
+        if self.base_method is None:  # with offload the base is chosen once the layer exists
+            self.base_method = self._make_base(layer)
+        check_offload_format(self.base_method, layer.layer_id)
+        E = self.runtime.model.num_experts
+        with torch.device("meta"):  # shapes, dtypes and loader tags only: slots are the storage
             self.base_method.create_weights(
                 layer=layer,
-                num_experts=num_slots,
+                num_experts=E,
                 hidden_size=hidden_size,
                 intermediate_size_per_partition=intermediate_size_per_partition,
                 params_dtype=params_dtype,
                 **extra,
             )
-        for name, key in PARAMS.items():
-            meta = getattr(layer, name)
-            gpu = slots[key]
-            if tuple(gpu.shape) != tuple(meta.shape) or gpu.dtype != meta.dtype:
-                raise RuntimeError(
-                    f"lynx-sglang offload: layer {layer.layer_id} {name} is "
-                    f"{tuple(meta.shape)} {meta.dtype}, the cache slots are "
-                    f"{tuple(gpu.shape)} {gpu.dtype}"
+        metas = expert_params(layer, E)  # param name -> its meta tensor [E, *row]
+        layout = {store_name(n): (tuple(m.shape[1:]), m.dtype) for n, m in metas.items()}
+        cache = self.runtime.cache_for(layout, layer.layer_id)  # built by the first layer
+        slots = cache.slot_weights(self.index)  # {"w13": [K, 2I, H], "w2": [K, H, I], ...}
+        for name, meta in metas.items():
+            if type(meta) is not torch.nn.Parameter:  # e.g. vLLM-style parameter classes
+                raise UnsupportedConfig(
+                    f"lynx-sglang offload: {type(self.base_method).__name__} loads {name} "
+                    f"through {type(meta).__name__}, which the host store does not take"
                 )
-            param = torch.nn.Parameter(gpu, requires_grad=False)
+            param = torch.nn.Parameter(slots[store_name(name)], requires_grad=False)
             param.__dict__.update(meta.__dict__)  # loader tags set by the base method
-            param.weight_loader = self._host_loader(layer, key)
+            param.weight_loader = self._host_loader(layer, store_name(name))
             setattr(layer, name, param)
+        unpaged = [n for n, t in (*layer.named_parameters(recurse=False),
+                                  *layer.named_buffers(recurse=False)) if t.is_meta]  # fmt: skip
+        if unpaged:
+            raise UnsupportedConfig(
+                f"lynx-sglang offload: {type(self.base_method).__name__} creates {unpaged[0]}, "
+                "which is not one row per expert, so the expert cache cannot page it"
+            )
         # SGLang's loaders follow the wrapped method's weight layout.
         layer.weight_load_method = self.base_method
         layer._derived_weight_cache_error = (
@@ -150,26 +237,60 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
         return self.base_method.get_triton_quant_info(layer)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        """The base method's post-load step; a row permutation it applies to the slots is applied
-        to the host store too, so copied-in experts have the layout the kernel expects. The
+        """The base method's post-load step. With offload it runs on the slots holding the
+        layer's first K experts, and must leave them as the host store holds them, so that any
+        expert copied in later is what the kernel expects: a row permutation it applies (the
+        triton runner's SwiGLU interleave) is applied to the host store too; any other change
+        of the experts, or a parameter replaced or created, is refused in one line. The
         "similar" policy's expert similarity is computed first, from the weights as loaded."""
         self.runtime.note_expert_weights(self.index, *self._loaded_weights(layer))
+        if self.cache is None:
+            self.base_method.process_weights_after_loading(layer)
+            return
+        store, slots = self.cache.store, self.cache.slot_weights(self.index)
+        K = next(iter(slots.values())).shape[0]
+        n = min(K, store.num_experts)
+        for key, slot in slots.items():
+            slot[:n].copy_(store.tensor(self.index, key)[:n])
         self.base_method.process_weights_after_loading(layer)
         if (
-            self.cache is not None
-            and getattr(self.base_method, "w13_swiglu_interleaved", False)
+            getattr(self.base_method, "w13_swiglu_interleaved", False)
             and not self._host_interleaved
         ):
-            w13 = self.cache.store.tensor(self.index, "w13")  # [E, 2I, H]
+            w13 = store.tensor(self.index, "w13")  # [E, 2I, H]
             inter = w13.shape[1] // 2
             order = torch.stack([torch.arange(inter), torch.arange(inter, 2 * inter)], 1).view(-1)
             for e in range(w13.shape[0]):
                 w13[e] = w13[e][order]
             self._host_interleaved = True
+        self._check_post_load(layer, slots, n)
+
+    def _check_post_load(self, layer: torch.nn.Module, slots: dict, n: int) -> None:
+        """The slots are still the layer's expert parameters and hold the host store's rows."""
+        method = type(self.base_method).__name__
+        for name in expert_params(layer, next(iter(slots.values())).shape[0]):
+            if store_name(name) not in slots:
+                raise UnsupportedConfig(
+                    f"lynx-sglang offload: {method} creates per-expert {name} after loading, "
+                    "which the host store does not hold"
+                )
+        for key, slot in slots.items():
+            param = getattr(layer, _param_name(key), None)
+            if param is None or param.data_ptr() != slot.data_ptr():
+                raise UnsupportedConfig(
+                    f"lynx-sglang offload: {method} replaces {_param_name(key)} after loading "
+                    "(a repack), which the K GPU slots cannot follow"
+                )
+            host = self.cache.store.tensor(self.index, key)[:n]
+            if not torch.equal(_bytes(slot[:n]), _bytes(host.to(slot.device))):
+                raise UnsupportedConfig(
+                    f"lynx-sglang offload: {method} transforms {_param_name(key)} after loading, "
+                    "which the host store does not replicate"
+                )
 
     def _loaded_weights(self, layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's expert weights (w13 [E, 2I, H], w2 [E, H, I]): the host store's with
-        offload, else the layer's own."""
+        """The layer's expert weights (w13 [E, 2I, H], w2 [E, H, I], in the checkpoint's
+        format): the host store's with offload, else the layer's own."""
         if self.cache is not None:
             store = self.cache.store
             return store.tensor(self.index, "w13"), store.tensor(self.index, "w2")
@@ -218,7 +339,7 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
         ) -> torch.Tensor:
             if experts is not None and x.device.type == "cpu":
                 # SGLang's CPU path needs distinct ids within a row
-                ids = spread_unused(ids, weights == 0, experts["w13"].shape[0])
+                ids = spread_unused(ids, weights == 0, next(iter(experts.values())).shape[0])
             call = dispatch_output._replace(
                 hidden_states=x, topk_output=topk._replace(topk_ids=ids, topk_weights=weights)
             )
@@ -233,8 +354,6 @@ def routing_of(topk: torch.nn.Module, experts: torch.nn.Module) -> Routing:
     writes them, Qwen's block appends them), or ``UnsupportedConfig`` naming what selection
     cannot follow."""
     from sglang.srt.layers.moe.topk import TopK, is_routed_scaling_factor_fused_in_topk
-
-    from lynx_sglang.sglang.checks import UnsupportedConfig
 
     layer = getattr(topk, "layer_id", "?")
     if type(topk) is not TopK:

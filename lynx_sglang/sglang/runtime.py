@@ -17,7 +17,13 @@ from lynx_sglang.config import LynxConfig
 from lynx_sglang.selection.routing import SOFTMAX_TOPK, Routing
 from lynx_sglang.selection.similarity import expert_similarity
 from lynx_sglang.selection.types import ExpertSimilarity
-from lynx_sglang.sglang.checks import moe_layer_ids, num_experts_of, text_config
+from lynx_sglang.sglang.checks import (
+    UnsupportedConfig,
+    checkpoint_quantization,
+    moe_layer_ids,
+    num_experts_of,
+    text_config,
+)
 from lynx_sglang.step import (
     NOT_DECODE,
     SelectionStats,
@@ -41,6 +47,12 @@ class ModelFacts:
     intermediate_size: int  # I (per expert)
     moe_layer_ids: tuple[int, ...]  # decoder layers that have routed experts
     dtype: torch.dtype
+    quantization: Optional[str] = None  # the checkpoint's quantisation (None: bf16/fp16 experts)
+
+    def dense_layout(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """One unquantised expert's tensors: {"w13": ([2I, H], dtype), "w2": ([H, I], dtype)}."""
+        H, inter = self.hidden_size, self.intermediate_size
+        return {"w13": ((2 * inter, H), self.dtype), "w2": ((H, inter), self.dtype)}
 
     @classmethod
     def from_hf_config(cls, hf_config: Any, dtype: torch.dtype) -> ModelFacts:
@@ -49,6 +61,7 @@ class ModelFacts:
         text = text_config(hf_config)
         inter = getattr(text, "moe_intermediate_size", None) or text.intermediate_size
         return cls(
+            quantization=checkpoint_quantization(hf_config),
             num_experts=num_experts_of(text),
             top_k=text.num_experts_per_tok,
             hidden_size=text.hidden_size,
@@ -93,7 +106,12 @@ class LynxRuntime:
         # The real row count of a captured decode graph, written before every replay.
         self.graph_rows = torch.zeros((), dtype=torch.int32, device=self.device)
         self.reporter: Any = None  # metrics.Reporter, ticked after every forward
-        self.cache = _build_cache(cfg, model, self.device, num_layers) if cfg.offload_on else None
+        # With offload: the host store and GPU slots. Their layout is the experts' format: known
+        # here for bf16/fp16 experts; for a quantised checkpoint the first MoE layer states it
+        # (its quant method's per-expert tensors, scales included), through ``cache_for``.
+        self.cache = None
+        if cfg.offload_on and model.quantization is None:
+            self.cache = _build_cache(cfg, model, self.device, model.dense_layout())
         # The "similar" policy's expert similarity per MoE layer, filled as each layer loads.
         self.similarity: Optional[list[Optional[ExpertSimilarity]]] = None
         if self.selection is not None and self.selection.policy == "similar":
@@ -104,6 +122,19 @@ class LynxRuntime:
         if self.similarity is not None:
             threshold = self.selection.similar_threshold
             self.similarity[index] = expert_similarity(w13, w2, threshold, self.device)
+
+    def cache_for(self, layout: dict, layer_id: int):
+        """The expert cache for experts of ``layout`` ({name: (row shape, dtype)}, one expert's
+        tensors): built at the first MoE layer, and every other layer must have the same."""
+        if self.cache is None:
+            self.cache = _build_cache(self.cfg, self.model, self.device, layout)
+        have = {s.name: (s.shape, s.dtype) for s in self.cache.store.segments}
+        if have != layout:
+            raise UnsupportedConfig(
+                f"lynx-sglang offload: layer {layer_id}'s experts are {_show(layout)}, the "
+                f"expert cache's are {_show(have)} (every MoE layer must share one format)"
+            )
+        return self.cache
 
     # ------------------------------------------------------------------ steps
     @contextlib.contextmanager
@@ -159,21 +190,28 @@ class LynxRuntime:
         return out
 
 
-def _build_cache(cfg: LynxConfig, model: ModelFacts, device: torch.device, num_layers: int):
-    """Pinned host store for every expert of every MoE layer, and the GPU slot cache over it."""
+def _build_cache(cfg: LynxConfig, model: ModelFacts, device: torch.device, layout: dict):
+    """Pinned host store for every expert of every MoE layer, in ``layout`` ({name: (row shape,
+    dtype)}: the checkpoint's own format), and the GPU slot cache over it."""
     from lynx_sglang.offload.cache import ExpertCache
     from lynx_sglang.offload.store import HostExpertStore
 
-    H, inter = model.hidden_size, model.intermediate_size
     store = HostExpertStore(
-        num_layers,
+        len(model.moe_layer_ids),
         model.num_experts,
-        tensor_shapes={"w13": (2 * inter, H), "w2": (H, inter)},
+        tensor_shapes={name: shape for name, (shape, _) in layout.items()},
         dtype=model.dtype,
+        tensor_dtypes={name: dtype for name, (_, dtype) in layout.items()},
         pin=device.type == "cuda",
         headroom_gib=cfg.host_headroom_gib,
     )
     return ExpertCache.from_config(store, cfg, device, model.top_k)
+
+
+def _show(layout: dict) -> str:
+    return ", ".join(
+        f"{n} {list(shape)} {str(dt).removeprefix('torch.')}" for n, (shape, dt) in layout.items()
+    )
 
 
 # ---------------------------------------------------------------------------------------------

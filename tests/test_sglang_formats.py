@@ -1,0 +1,266 @@
+"""Quantised experts through the offload modes, with SGLang's real quant-method classes creating
+the weights and its real loaders filling them: block FP8 (DeepSeek-V3's and Qwen's FP8
+checkpoints), per-channel W8A8 FP8 and W8A8 int8.
+
+What runs on CPU (``shared/SGLANG_CPU.md``): creating the weights, loading a checkpoint, the
+post-load step; not the methods' fused kernels. So on CPU:
+- the host store holds, per expert, exactly the checkpoint's rows (weights and scales), and a
+  slot holds exactly its expert's rows after a step;
+- with selection off and K >= top-k, a decode step through ``moe_layer_step`` and the cache,
+  computed by a dequantising torch kernel on the slots, equals the same kernel on all experts
+  resident (the stock layer's own parameters): the cache serves the right rows for every id.
+GPU tests (``gpu``) run SGLang's own kernel on the slots against the resident layer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lynx_sglang.config import LynxConfig
+from lynx_sglang.moe import fused_moe_ref
+from lynx_sglang.offload.quantize import (
+    dequantize_block_fp8,
+    dequantize_channel,
+    quantize_block_fp8,
+    quantize_channel,
+)
+
+pytest.importorskip("sglang")
+
+from lynx_sglang.sglang.checks import UnsupportedConfig  # noqa: E402
+from lynx_sglang.sglang.moe_method import LynxMoEMethod  # noqa: E402
+from lynx_sglang.sglang.runtime import LynxRuntime, ModelFacts, activated  # noqa: E402
+from lynx_sglang.step import Step, moe_layer_step  # noqa: E402
+
+E, H, INTER, TOP_K = 8, 256, 128, 2  # block FP8 needs I a multiple of 128
+TOKENS = 6
+PREFIX = "model.layers.0.mlp.experts"
+
+
+def quant_config(fmt: str):
+    from sglang.srt.layers.quantization.fp8 import Fp8Config
+    from sglang.srt.layers.quantization.w8a8_fp8 import W8A8Fp8Config
+    from sglang.srt.layers.quantization.w8a8_int8 import W8A8Int8Config
+
+    return {
+        "fp8-block": lambda: Fp8Config(
+            is_checkpoint_fp8_serialized=True, weight_block_size=[128, 128]
+        ),
+        "w8a8-fp8": lambda: W8A8Fp8Config(is_checkpoint_fp8_serialized=True),
+        "w8a8-int8": lambda: W8A8Int8Config({}),
+        "fp8-online": lambda: Fp8Config(is_checkpoint_fp8_serialized=False),
+    }[fmt]()
+
+
+SCALE_NAME = {
+    "fp8-block": "weight_scale_inv",
+    "w8a8-fp8": "weight_scale",
+    "w8a8-int8": "weight_scale",
+}
+FORMATS = list(SCALE_NAME)
+
+
+def checkpoint(fmt: str, seed: int = 0) -> dict:
+    """Per-expert checkpoint tensors {(expert, proj): (weight, scale)} in the format, from random
+    bf16-range weights, quantised round-to-nearest."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for e in range(E):
+        for proj, shape in (
+            ("gate_proj", (INTER, H)),
+            ("up_proj", (INTER, H)),
+            ("down_proj", (H, INTER)),
+        ):
+            w = torch.randn(*shape, generator=g) * shape[1] ** -0.5
+            if fmt == "fp8-block":
+                out[e, proj] = quantize_block_fp8(w)
+            else:
+                out[e, proj] = quantize_channel(
+                    w, torch.int8 if fmt == "w8a8-int8" else torch.float8_e4m3fn
+                )
+    return out
+
+
+def build(fmt: str, runtime: LynxRuntime | None, ckpt: dict):
+    """A real FusedMoE with the format's quant config, loaded through SGLang's expert mapping
+    and each parameter's own weight_loader, then its post-load step."""
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+
+    with activated(runtime):
+        moe = FusedMoE(num_experts=E, hidden_size=H, intermediate_size=INTER, top_k=TOP_K,
+                       layer_id=0, params_dtype=torch.bfloat16, quant_config=quant_config(fmt),
+                       prefix=PREFIX)  # fmt: skip
+    mapping = FusedMoE.make_expert_params_mapping(
+        ckpt_gate_proj_name="gate_proj", ckpt_down_proj_name="down_proj",
+        ckpt_up_proj_name="up_proj", num_experts=E,
+    )  # fmt: skip
+    params = dict(moe.named_parameters())
+    for param_prefix, weight_prefix, expert, shard in mapping:
+        proj = weight_prefix.split(".")[-2]
+        weight, scale = ckpt[expert, proj]
+        for suffix, tensor in (("weight", weight), (SCALE_NAME[fmt], scale)):
+            name = f"{param_prefix.removeprefix('experts.')}{suffix}"
+            param = params[name]
+            param.weight_loader(param, tensor, f"{PREFIX}.{name}", shard_id=shard, expert_id=expert)
+    moe.quant_method.process_weights_after_loading(moe)
+    return moe
+
+
+def runtime_for(fmt: str, slots: int, mode: str = "offload") -> LynxRuntime:
+    facts = ModelFacts(E, TOP_K, H, INTER, (0,), torch.bfloat16, quantization=fmt)
+    cfg = LynxConfig(mode=mode, slots=slots, layer_budgets="", miss_budget=0.0, prefetch="off")
+    return LynxRuntime(cfg, facts, torch.device("cpu"))
+
+
+def dequantized(fmt: str, tensors: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w13 [N, 2I, H], w2 [N, H, I]) float32 from a layer's or the slots' tensors, in SGLang's
+    names (``w13_weight``...) or the store's (``w13``...)."""
+
+    def get(name):
+        return tensors[name] if name in tensors else tensors[name.removesuffix("_weight")]
+
+    scale = f"_{SCALE_NAME[fmt]}"
+    out = []
+    for w in ("w13", "w2"):
+        q, s = get(f"{w}_weight"), tensors[f"{w}{scale}"]
+        out.append(dequantize_block_fp8(q, s) if fmt == "fp8-block" else dequantize_channel(q, s))
+    return out[0], out[1]
+
+
+def dequant_kernel(fmt: str, resident: dict):
+    """moe_layer_step's kernel: the experts (the slots, or ``resident`` when None) dequantised,
+    then the fused-MoE reference."""
+
+    def kernel(x, ids, weights, experts):
+        w13, w2 = dequantized(fmt, experts if experts is not None else resident)
+        return fused_moe_ref(x.float(), w13, w2, ids, weights).to(x.dtype)
+
+    return kernel
+
+
+def routing(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(TOKENS, H, generator=g).to(torch.bfloat16)
+    logits = torch.randn(TOKENS, E, generator=g)
+    p = logits.softmax(-1)
+    ids = p.topk(TOP_K, -1).indices
+    w = p.gather(1, ids)
+    return x, ids, w / w.sum(-1, keepdim=True), logits
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_host_store_holds_the_checkpoints_rows(sglang_layers, fmt):
+    """Every expert's weights and scales in the host store, byte for byte what the stock layer
+    loaded; the GPU holds K slots of the same layout; bytes per expert count the scales."""
+    ckpt = checkpoint(fmt)
+    stock = build(fmt, None, ckpt)
+    runtime = runtime_for(fmt, slots=4)
+    moe = build(fmt, runtime, ckpt)
+    assert isinstance(moe.quant_method, LynxMoEMethod)
+    store = runtime.cache.store
+    stock_params = dict(stock.named_parameters())
+    names = {"w13": "w13_weight", "w2": "w2_weight"}
+    assert {names.get(s.name, s.name) for s in store.segments} == set(stock_params)
+    for seg in store.segments:
+        host = store.tensor(0, seg.name)
+        want = stock_params[names.get(seg.name, seg.name)].data
+        assert host.dtype == want.dtype and torch.equal(as_bytes(host), as_bytes(want))
+        assert getattr(moe, names.get(seg.name, seg.name)).shape == (4, *want.shape[1:])
+    assert store.nbytes_per_expert == sum(
+        p[0].numel() * p.element_size() for p in stock_params.values()
+    )
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("slots", [TOP_K, 4, E])
+def test_offload_serves_the_right_rows(sglang_layers, fmt, slots):
+    """K >= top-k: each decode step through the cache equals all experts resident, also when a
+    step needs more experts than K (waves); each slot holds its expert's bytes."""
+    ckpt = checkpoint(fmt, 1)
+    stock = build(fmt, None, ckpt)
+    runtime = runtime_for(fmt, slots)
+    build(fmt, runtime, ckpt)
+    cache, store = runtime.cache, runtime.cache.store
+    resident = dict(stock.named_parameters())
+    for seed in range(4):
+        x, ids, w, logits = routing(seed)
+        step = Step(decode=True, num_valid=TOKENS)
+        out = moe_layer_step(0, x, ids, w, logits, dequant_kernel(fmt, {}), step=step, cache=cache)
+        want = dequant_kernel(fmt, resident)(x, ids, w, None)
+        torch.testing.assert_close(out.float(), want.float(), atol=1e-2, rtol=1e-2)
+        for slot, expert in enumerate(cache.slots.slot_expert[0]):
+            if expert >= 0:
+                for seg in store.segments:
+                    got = cache.slot_weights(0)[seg.name][slot]
+                    assert torch.equal(as_bytes(got), as_bytes(store.tensor(0, seg.name)[expert]))
+    counters = cache.counters()["total"]
+    assert counters["bytes_h2d"] == counters["misses"] * store.nbytes_per_expert
+
+
+def test_online_fp8_and_other_methods_are_refused_in_one_line(sglang_layers):
+    """Online FP8 quantises on the GPU after loading (the host store would keep bf16); GPTQ's
+    Marlin repacks after loading: both refused when their first layer is built."""
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+    from sglang.srt.layers.quantization.gptq import GPTQMarlinConfig
+
+    gptq = GPTQMarlinConfig(weight_bits=4, group_size=128, desc_act=False, is_sym=True,
+                            lm_head_quantized=False, dynamic={}, full_config={})  # fmt: skip
+    for qc, needle in ((quant_config("fp8-online"), "online FP8"), (gptq, "GPTQMarlinMoEMethod")):
+        runtime = runtime_for("fp8", slots=4)
+        with activated(runtime), pytest.raises(UnsupportedConfig, match=needle) as err:
+            FusedMoE(num_experts=E, hidden_size=H, intermediate_size=INTER, top_k=TOP_K,
+                     layer_id=0, params_dtype=torch.bfloat16, quant_config=qc, prefix=PREFIX)  # fmt: skip
+        assert "\n" not in str(err.value) and "pages bf16/fp16, FP8" in str(err.value)
+
+
+def test_a_post_load_transform_is_refused(sglang_layers, monkeypatch):
+    """A base method whose post-load step changes the experts (as a kernel-specific shuffle
+    would) cannot be paged row by row: refused, not served wrong."""
+    from sglang.srt.layers.quantization.w8a8_int8 import W8A8Int8MoEMethod
+
+    original = W8A8Int8MoEMethod.process_weights_after_loading
+
+    def shuffle(self, layer):
+        original(self, layer)
+        layer.w2_weight.data.copy_(layer.w2_weight.data.flip(-1))
+
+    monkeypatch.setattr(W8A8Int8MoEMethod, "process_weights_after_loading", shuffle)
+    with pytest.raises(UnsupportedConfig, match="transforms w2_weight after loading"):
+        build("w8a8-int8", runtime_for("w8a8_int8", slots=4), checkpoint("w8a8-int8"))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: SGLang's own kernels on the slots
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_sglangs_kernel_on_slots_equals_resident(sglang_layers, fmt):
+    """The format's own fused kernel on K slots gives bit for bit what it gives on the layer
+    with every expert resident (same kernel config)."""
+    from sglang.srt.layers.moe.topk import StandardTopKOutput
+
+    ckpt = checkpoint(fmt, 2)
+    with torch.device("cuda"):
+        stock = build(fmt, None, ckpt)
+        facts = ModelFacts(E, TOP_K, H, INTER, (0,), torch.bfloat16, quantization=fmt)
+        cfg = LynxConfig(mode="offload", slots=4, layer_budgets="", miss_budget=0.0,
+                         prefetch="off", executor="eager")  # fmt: skip
+        runtime = LynxRuntime(cfg, facts, torch.device("cuda"))
+        moe = build(fmt, runtime, ckpt)
+    for seed in range(3):
+        x, ids, w, logits = (t.cuda() for t in routing(seed))
+        topk = StandardTopKOutput(w, ids.int(), logits)
+        want = stock(x, topk)
+        with activated(runtime), runtime.scope(runtime.decode_step(TOKENS)):
+            got = moe(x, topk)
+        assert torch.equal(got, want)

@@ -1,0 +1,193 @@
+"""The serving replay: admission, request lifetimes, exact loads, MIN, the path policy."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bench import serve_replay as sr
+from bench.projection import SHAPES, Hardware
+from lynx_sglang import SHIPPED_MODEL
+from lynx_sglang.model.qwen3_moe import MoEModel
+from lynx_sglang.offload.path import RequestPathPolicy
+
+
+@pytest.fixture(scope="module")
+def workload():
+    model = MoEModel.from_pretrained(SHIPPED_MODEL)
+    reqs = sr.make_requests(sr.task_tokens(SHIPPED_MODEL), 4, 0, 24, 10, 48, 24)
+    return model, sr.route(model, reqs)
+
+
+def _serve(W, system, cap=4, rate=4.0, policy=None):
+    arrive = sr.arrivals(len(W.requests), rate, 0)
+    run = sr.replay(W, arrive, system, cap, policy or sr.FCFS(), 16384, SHAPES["qwen3-30b-a3b"],
+                    Hardware(), 130.0)  # fmt: skip
+    return run, arrive
+
+
+def test_requests_have_three_tasks_and_their_lengths(workload):
+    _, W = workload
+    assert {r.task for r in W.requests} == set(sr.TASKS)
+    for r, ids in zip(W.requests, W.ids):
+        assert len(r.tokens) == r.prompt + r.output
+        assert ids.shape == (W.num_layers, len(r.tokens), W.top_k)
+
+
+def test_admission_respects_the_cap_and_is_fcfs(workload):
+    _, W = workload
+    run, arrive = _serve(W, sr.Ours(W, W.num_experts // 2, "lru", None, 3), cap=3, rate=50.0)
+    assert run.max_running <= 3
+    assert max(run.batch[i] for i, k in enumerate(run.kind) if k == "decode") <= 3
+    by_arrival = [r.rid for r in sorted(W.requests, key=lambda r: arrive[r.rid])]
+    assert run.admission_order == by_arrival  # FCFS: admitted in arrival order
+    assert any(run.admitted[r] > run.arrival[r] for r in run.arrival)  # some requests queued
+
+
+def test_sglang_policy_orders_the_queue_as_fcfs_and_lof():
+    policy = sr.sglang_policy("fcfs")
+    reqs = [
+        sr.Request(i, "code", torch.zeros(10, dtype=torch.long), 5, o)
+        for i, o in enumerate((3, 9, 5))
+    ]
+    q = [sr._Waiting(r, float(i)) for i, r in enumerate(reqs)]
+    policy.calc_priority(q)
+    assert [w.rid for w in q] == [0, 1, 2]
+    lof = sr.sglang_policy("lof")  # SGLang's longest-output-first reads max_new_tokens
+    lof.calc_priority(q)
+    assert [w.rid for w in q] == [1, 2, 0]
+
+
+def test_every_request_finishes_with_its_tokens(workload):
+    _, W = workload
+    run, _ = _serve(W, sr.Ours(W, 16, "lru", None, 4))
+    for r in W.requests:
+        assert run.generated[r.rid] == r.output
+        assert run.arrival[r.rid] <= run.admitted[r.rid] < run.first[r.rid] <= run.finish[r.rid]
+    # each request's rows: its prompt once (prefill), then one decode row per later token
+    rows = {}
+    for step in run.schedule:
+        for rid, pos in step:
+            rows.setdefault(rid, []).append(pos)
+    for r in W.requests:
+        assert rows[r.rid] == list(range(r.prompt)) + list(r.decode_positions)
+
+
+def test_loads_at_k_equal_e_are_an_independent_recount(workload):
+    """Selection off, K = E: each expert of a layer loads once, when first needed; the distinct
+    experts of every layer-step are those of the routing of the rows then running."""
+    _, W = workload
+    E = W.num_experts
+    run, _ = _serve(W, sr.Ours(W, E, "lru", None, 4))
+    counts = np.stack(run.counts)  # [N, L, 5]
+    for layer in range(W.num_layers):
+        used = set()
+        for r, ids in zip(W.requests, W.ids):
+            pos = list(range(r.prompt)) + list(r.decode_positions)
+            used |= set(ids[layer, pos].reshape(-1).tolist())
+        assert counts[:, layer, sr.MISSES].sum() == len(used)
+    for n, step in enumerate(run.schedule):
+        for layer in range(W.num_layers):
+            want = {e for rid, p in step for e in W.ids[rid][layer, p].tolist()}
+            assert counts[n, layer, sr.DISTINCT] == len(want)
+
+
+@pytest.mark.parametrize("eviction", ["lru", "lfu", "path"])
+def test_min_is_a_lower_bound_of_every_policy(workload, eviction):
+    _, W = workload
+    K = W.num_experts // 4
+    run, _ = _serve(W, sr.Ours(W, K, eviction, None, 4))
+    run.slots = K
+    row = sr.summarise(W, run, SHAPES["qwen3-30b-a3b"], W.num_layers)
+    assert row["min_loads_total"] <= row["loads_total"]
+    assert row["min_loads_per_decode_layer_step"] <= row["loads_per_decode_layer_step"] + 1e-9
+    if eviction == "path":
+        per = row["path_prediction_per_layer"]
+        assert len(per) == W.num_layers and all(0 <= p["recall"] <= 1 for p in per)
+
+
+def test_sglang_paged_matches_its_offline_replay(workload):
+    """The live SGLang peer equals bench.peers' replay of the same trace."""
+    from bench import peers
+
+    _, W = workload
+    K = W.num_experts // 4
+    run, _ = _serve(W, sr.SGLangPaged(W, K))
+    trace = np.stack(run.needed)
+    ids = torch.from_numpy(np.where(trace, np.arange(W.num_experts), -1))[:, :, None, :]
+    assert np.array_equal(np.stack(run.counts), peers.replay_sglang_paged(ids, W.num_experts, K))
+
+
+def test_selection_off_quality_is_exact_and_on_is_measured(workload):
+    model, W = workload
+    base, logp = sr.decoded_quality(model, W)
+    run, _ = _serve(W, sr.Ours(W, 32, "lru", None, 4))
+    same, _ = sr.decoded_quality(model, W, None, logp)
+    assert np.allclose(same[:, :2], base[:, :2])
+    assert np.abs(same[:, 2]).max() < 1e-3 * same[:, 3].max()  # the base's bf16 log-probs: ~0
+    system = sr.Ours(W, 32, "lru", sr.quality.DEFAULT, 4)
+    run, _ = _serve(W, system)
+    per, _ = sr.decoded_quality(model, W, sr.ScheduleHook(run, system, W.offset), logp)
+    assert not np.allclose(per[:, 0], base[:, 0])  # the selection moved choices: NLL changed
+    assert per[:, 2].sum() > np.abs(same[:, 2]).sum()  # and the KL is above the bf16 noise
+    q = sr.quality_row(per, base, [r.task for r in W.requests])
+    assert q["all"]["verdict"] in ("met", "failed", "unresolved")
+    assert q["all"]["tokens"] == sum(r.output - 1 for r in W.requests)
+
+
+def test_path_policy_keeps_what_running_requests_use():
+    pol = RequestPathPolicy(1, 8, 4, decay=0.5)
+    pol.admit(0, np.array([[[0, 1], [0, 1]]]))  # [L=1, P=2, k=2]: request 0 routes to 0 and 1
+    pol.admit(1, np.array([[[2, 3]]]))
+    assert pol.probabilities(0)[[0, 1, 2, 3]].min() > pol.probabilities(0)[4:].max()
+    pol.release(1)  # its experts stop counting at once
+    assert pol.probabilities(0)[2] == 0 and pol.probabilities(0)[0] > 0
+    pol.observe_rows(0, np.array([0]), np.array([[5, 6]]))
+    v = pol.value(np.zeros(8, dtype=int), np.arange(8))
+    assert v[5] > v[7] and v[0] > v[7]
+
+
+def test_quick_main_writes_a_compact_last_line(tmp_path, capsys):
+    out = sr.main(["--quick", "--out-dir", str(tmp_path), "--no-plot"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert len(last.encode()) <= 2048
+    head = json.loads(last)
+    assert head["bench"] == "serve_replay" and head["time_source"] == "projected"
+    systems = {r["system"] for r in out["rows"]}
+    assert {"offload (ours)", "sglang paged experts", "lynx+offload"} <= systems
+    assert all(r["min_loads_total"] <= r["loads_total"] for r in out["rows"])
+    assert (tmp_path / "serve_replay_quick.json").exists()
+
+
+def test_quality_pass_selects_what_the_replay_served(workload):
+    """MoE layer 0 sees the unmodified model's routing in both: the quality pass's selection of
+    every decode step there equals the experts the replay's cache served (miss-aware masks too)."""
+    _, W = workload
+    system = sr.Ours(W, 32, "lru", sr.quality.DEFAULT, 4)
+    run, _ = _serve(W, system)
+    hook = sr.ScheduleHook(run, system, W.offset)
+    ids, _ = hook(0, W.flat[0][0][None], W.flat[1][0][None], W.flat[2][0][None])
+    ids = ids[0]
+    decode = [i for i, k in enumerate(run.kind) if k == "decode"]
+    assert decode and not torch.equal(ids, W.flat[1][0])  # selection moved some choices
+    for i in decode:
+        served = np.zeros(W.num_experts, dtype=bool)
+        for rid, pos in run.schedule[i]:
+            served[ids[W.offset[rid] + pos].numpy()] = True
+        assert np.array_equal(served, run.needed[i][0])
+
+
+def test_flat_forward_equals_the_model(workload):
+    """Bucketed attention + flat MoE rows give the model's own logits and routing."""
+    model, W = workload
+    reqs = W.requests[:5]
+    hidden = sr.forward_flat(model, reqs)
+    with torch.no_grad():
+        out = model(sr.padded(reqs))
+    for i, r in enumerate(reqs):
+        S = len(r.tokens)
+        assert torch.allclose(sr.lm_logits(model, hidden[i]), out.logits[i, :S], atol=1e-4)
+        assert torch.equal(W.ids[i][0], out.topk_ids[0][i, :S].long())

@@ -183,6 +183,9 @@ class CacheParams:
 
     # GPU slots per MoE layer (0: as many as experts, i.e. everything resident).
     slots: int = 0
+    # Or GPU memory for all layers' slots, in GiB: K per layer follows from the experts' format
+    # (bytes per expert, scales included). 0: use ``slots``.
+    slot_memory_gib: float = 0.0
     slot_pool: str = "layer"
     eviction: str = "lru"
     lfu_decay: float = 0.9
@@ -200,6 +203,13 @@ class CacheParams:
 
     def __post_init__(self) -> None:
         _at_least("slots", self.slots, 0)
+        if self.slot_memory_gib < 0.0:
+            raise ConfigError(f"--lynx-slot-memory-gib must be >= 0, got {self.slot_memory_gib}")
+        if self.slot_memory_gib > 0.0 and self.slots > 0:
+            raise ConfigError(
+                "set one of --lynx-slots (slots per layer) and --lynx-slot-memory-gib (GiB for "
+                "all slots), not both"
+            )
         _choice("slot_pool", self.slot_pool, SLOT_POOLS)
         _choice("eviction", self.eviction, EVICTIONS)
         if not 0.0 <= self.lfu_decay <= 1.0:
@@ -207,7 +217,9 @@ class CacheParams:
         _choice("prefetch", self.prefetch, PREFETCHES)
         _choice("executor", self.executor, EXECUTORS)
         if self.host_headroom_gib < 0.0:
-            raise ConfigError(f"--lynx-host-headroom-gib must be >= 0, got {self.host_headroom_gib}")
+            raise ConfigError(
+                f"--lynx-host-headroom-gib must be >= 0, got {self.host_headroom_gib}"
+            )
 
 
 _SECTIONS = {"selection": SelectionParams, "cache": CacheParams}
@@ -314,19 +326,31 @@ class LynxConfig:
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
         """Register ``--lynx-*`` flags (all default to None: unset flags fall back to env/defaults)."""
-        group = parser.add_argument_group("lynx-sglang (batch-aware expert selection + expert cache)")
+        group = parser.add_argument_group(
+            "lynx-sglang (batch-aware expert selection + expert cache)"
+        )
         for name in setting_names():
             flag, default = flag_name(name), _default_of(name)
             kind = type(default)
             help_text = _HELP.get(name, "")
             if kind is bool:
-                group.add_argument(flag, dest=_dest(name), type=_parse_bool_flag(flag),
-                                   default=None, metavar="{0,1}",
-                                   help=f"{help_text} (default {int(default)})")
+                group.add_argument(
+                    flag,
+                    dest=_dest(name),
+                    type=_parse_bool_flag(flag),
+                    default=None,
+                    metavar="{0,1}",
+                    help=f"{help_text} (default {int(default)})",
+                )
             else:
-                group.add_argument(flag, dest=_dest(name), type=_typed(kind, flag),
-                                   choices=_CHOICES.get(name), default=None,
-                                   help=f"{help_text} (default {default})")
+                group.add_argument(
+                    flag,
+                    dest=_dest(name),
+                    type=_typed(kind, flag),
+                    choices=_CHOICES.get(name),
+                    default=None,
+                    help=f"{help_text} (default {default})",
+                )
 
     @classmethod
     def from_cli_args(
@@ -388,6 +412,8 @@ _HELP = {
     "layer_budgets": "per-layer budgets as layer:budget pairs, e.g. 0:1.0 (others: --lynx-budget)",
     "similar_threshold": "similar policy: never move an expert whose best peer similarity is below this",
     "slots": "GPU expert slots per MoE layer for the expert cache (0: all experts)",
+    "slot_memory_gib": "GPU memory for the expert slots of all MoE layers, in GiB: K per layer "
+    "follows from the experts' format (bytes per expert, scales included; instead of --lynx-slots)",
     "slot_pool": "slots per layer, or one pool shared by all layers",
     "eviction": "expert cache eviction policy",
     "lfu_decay": "per-step decay of LFU frequencies",
@@ -451,7 +477,9 @@ def _typed(kind: type, flag: str):
         try:
             return kind(raw)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be {kind.__name__}, got {raw!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"{flag} must be {kind.__name__}, got {raw!r}"
+            ) from None
 
     convert.__name__ = kind.__name__
     return convert

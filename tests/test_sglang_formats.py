@@ -264,3 +264,37 @@ def test_sglangs_kernel_on_slots_equals_resident(sglang_layers, fmt):
         with activated(runtime), runtime.scope(runtime.decode_step(TOKENS)):
             got = moe(x, topk)
         assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Slots sized by GPU memory
+# ---------------------------------------------------------------------------------------------
+
+
+def test_slot_memory_buys_more_slots_in_a_smaller_format(sglang_layers):
+    """--lynx-slot-memory-gib: the same GiB buys about twice the slots in FP8 as in bf16 (the
+    scales counted); K follows from the first layer's format, and so does the capture cap."""
+    bf16_bytes = 3 * H * INTER * 2
+    gib = 4 * bf16_bytes / 2**30  # four bf16 experts' worth, for one MoE layer
+    dense = LynxRuntime(
+        LynxConfig(mode="offload", slot_memory_gib=gib, prefetch="off"),
+        ModelFacts(E, TOP_K, H, INTER, (0,), torch.bfloat16),
+        torch.device("cpu"),
+    )
+    assert dense.slots == 4 and dense.cache.num_slots == 4 and dense.capture_cap == 4 // TOP_K
+    fp8 = runtime_for("fp8", slots=0)
+    runtime = LynxRuntime(fp8.cfg.replace(slot_memory_gib=gib), fp8.model, torch.device("cpu"))
+    assert runtime.slots is None and runtime.cache is None  # the format decides
+    moe = build("fp8-block", runtime, checkpoint("fp8-block"))
+    per_expert = runtime.cache.store.nbytes_per_expert  # 1 B a weight plus the block scales
+    assert per_expert == 3 * H * INTER + 4 * (2 * 2 + 2 * 1)
+    assert runtime.slots == int(gib * 2**30 // per_expert) == 7  # not 8: the scales
+    assert moe.w13_weight.shape[0] == 7 and runtime.capture_cap == 7 // TOP_K
+
+
+def test_slot_memory_below_top_k_is_refused_in_one_line(sglang_layers):
+    facts = ModelFacts(E, TOP_K, H, INTER, (0,), torch.bfloat16)
+    with pytest.raises(UnsupportedConfig, match="buys 1 slots per MoE layer") as err:
+        LynxRuntime(LynxConfig(mode="offload", slot_memory_gib=1.5 * 3 * H * INTER * 2 / 2**30),
+                    facts, torch.device("cpu"))  # fmt: skip
+    assert "\n" not in str(err.value)

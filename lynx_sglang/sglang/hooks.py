@@ -76,10 +76,6 @@ def around_load_model(original: Callable, runner: Any, *args: Any, **kwargs: Any
     verify_hooks(cfg)
     check(cfg, facts_from_model_runner(runner))
     runtime = _start_runtime(cfg, runner)
-    if runtime.capture_cap is not None:
-        from sglang.srt.runtime_context import get_exec
-
-        cap_decode_graphs(get_exec().graph.cuda_graph_config, runtime.capture_cap)
     rt_mod.activate(runtime)
     try:
         result = original(runner, *args, **kwargs)
@@ -87,6 +83,10 @@ def around_load_model(original: Callable, runner: Any, *args: Any, **kwargs: Any
     except BaseException:
         rt_mod.activate(None)
         raise
+    if runtime.capture_cap is not None:  # K is known once the layers stated their format
+        from sglang.srt.runtime_context import get_exec
+
+        cap_decode_graphs(get_exec().graph.cuda_graph_config, runtime.capture_cap)
     return result
 
 

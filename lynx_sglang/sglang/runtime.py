@@ -7,6 +7,8 @@ other hooks (``active``); this module's ``_ACTIVE`` slot is the plugin's only mu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -86,18 +88,17 @@ class LynxRuntime:
         # MoE decoder layer id -> dense index into the store / cache / stats ([L] tables).
         self.layer_index = {lid: i for i, lid in enumerate(model.moe_layer_ids)}
         num_layers = len(model.moe_layer_ids)
-        E, slots = model.num_experts, cfg.slots
         self.selection = cfg.selection if cfg.selection_on else None
-        # Captured decode steps of a cache run the selection with its kept set capped at K, so
-        # their distinct experts fit the slots (one wave, device-side); other steps run it as set.
+        # K, slots per layer (0: every expert resident), and what follows from it: the bounded
+        # selection of captured steps and the capture cap. Known here unless K comes from
+        # --lynx-slot-memory-gib and a quantised format whose bytes the first layer states.
+        self.slots: Optional[int] = None
         self.captured_selection = self.selection
-        if self.selection is not None and cfg.offload_on and cfg.executor == "hybrid":
-            self.captured_selection = bounded_selection(self.selection, slots, E)
-        # The largest decode batch a CUDA graph may capture (None: any): every captured step must
-        # fit the slots in one wave, the device-side executor's only shape.
-        self.capture_cap = None
-        if cfg.offload_on:
-            self.capture_cap = decode_capture_cap(self.captured_selection, slots, model.top_k, E)
+        self.capture_cap: Optional[int] = None
+        if cfg.offload_on and not cfg.slot_memory_gib:
+            self._set_slots(cfg.slots)
+        elif cfg.offload_on and model.quantization is None:
+            self._set_slots(self._slots_from_memory(model.dense_layout()))
         self.stats = (
             SelectionStats(num_layers, model.num_experts, self.device)
             if stats and cfg.selection_on
@@ -111,7 +112,7 @@ class LynxRuntime:
         # (its quant method's per-expert tensors, scales included), through ``cache_for``.
         self.cache = None
         if cfg.offload_on and model.quantization is None:
-            self.cache = _build_cache(cfg, model, self.device, model.dense_layout())
+            self.cache = _build_cache(cfg, model, self.device, model.dense_layout(), self.slots)
         # The "similar" policy's expert similarity per MoE layer, filled as each layer loads.
         self.similarity: Optional[list[Optional[ExpertSimilarity]]] = None
         if self.selection is not None and self.selection.policy == "similar":
@@ -127,7 +128,9 @@ class LynxRuntime:
         """The expert cache for experts of ``layout`` ({name: (row shape, dtype)}, one expert's
         tensors): built at the first MoE layer, and every other layer must have the same."""
         if self.cache is None:
-            self.cache = _build_cache(self.cfg, self.model, self.device, layout)
+            if self.slots is None:
+                self._set_slots(self._slots_from_memory(layout))
+            self.cache = _build_cache(self.cfg, self.model, self.device, layout, self.slots)
         have = {s.name: (s.shape, s.dtype) for s in self.cache.store.segments}
         if have != layout:
             raise UnsupportedConfig(
@@ -135,6 +138,38 @@ class LynxRuntime:
                 f"expert cache's are {_show(have)} (every MoE layer must share one format)"
             )
         return self.cache
+
+    def _set_slots(self, slots: int) -> None:
+        """Fix K: captured decode steps of a hybrid cache run the selection with its kept set
+        capped at K, so their distinct experts fit the slots (one wave, device-side); other
+        steps run it as set. The capture cap: the largest decode batch a CUDA graph may capture
+        (None: any), every captured step fitting the slots in one wave."""
+        E, top_k = self.model.num_experts, self.model.top_k
+        self.slots = slots
+        if self.selection is not None and self.cfg.executor == "hybrid":
+            self.captured_selection = bounded_selection(self.selection, slots, E)
+        self.capture_cap = decode_capture_cap(self.captured_selection, slots, top_k, E)
+
+    def _slots_from_memory(self, layout: dict) -> int:
+        """K per layer from --lynx-slot-memory-gib and one expert's bytes in ``layout``."""
+        per_expert = sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout.values())
+        layers = len(self.model.moe_layer_ids)
+        budget = self.cfg.slot_memory_gib * 2**30
+        slots = min(int(budget // (layers * per_expert)), self.model.num_experts)
+        if slots < self.model.top_k:
+            raise UnsupportedConfig(
+                f"lynx-sglang: --lynx-slot-memory-gib {self.cfg.slot_memory_gib:g} buys {slots} "
+                f"slots per MoE layer ({layers} layers x {per_expert / 2**20:.2f} MiB per expert), "
+                f"below the router's top-k ({self.model.top_k}); need at least "
+                f"{layers * per_expert * self.model.top_k / 2**30:.2f} GiB"
+            )
+        if self.cfg.executor == "graph" and slots < self.model.num_experts:
+            raise UnsupportedConfig(
+                f"lynx-sglang: --lynx-slot-memory-gib {self.cfg.slot_memory_gib:g} buys {slots} "
+                "of the experts per layer, and --lynx-executor graph serves only steps that fit "
+                "the slots: use --lynx-executor hybrid or eager"
+            )
+        return slots
 
     # ------------------------------------------------------------------ steps
     @contextlib.contextmanager
@@ -158,7 +193,7 @@ class LynxRuntime:
         if self.capture_cap is not None and rows > self.capture_cap:
             raise CaptureTooLarge(
                 f"lynx-sglang: a decode CUDA graph of {rows} rows was to be captured, but with "
-                f"--lynx-slots {self.cfg.slots} only batches up to {self.capture_cap} fit the "
+                f"{self.slots} slots per layer only batches up to {self.capture_cap} fit the "
                 f"slots in every step; set --cuda-graph-max-bs-decode {self.capture_cap} or lower"
             )
         self.graph_rows.fill_(rows)
@@ -190,7 +225,9 @@ class LynxRuntime:
         return out
 
 
-def _build_cache(cfg: LynxConfig, model: ModelFacts, device: torch.device, layout: dict):
+def _build_cache(
+    cfg: LynxConfig, model: ModelFacts, device: torch.device, layout: dict, slots: int
+):
     """Pinned host store for every expert of every MoE layer, in ``layout`` ({name: (row shape,
     dtype)}: the checkpoint's own format), and the GPU slot cache over it."""
     from lynx_sglang.offload.cache import ExpertCache
@@ -205,7 +242,9 @@ def _build_cache(cfg: LynxConfig, model: ModelFacts, device: torch.device, layou
         pin=device.type == "cuda",
         headroom_gib=cfg.host_headroom_gib,
     )
-    return ExpertCache.from_config(store, cfg, device, model.top_k)
+    resolved = dataclasses.replace(cfg.cache, slots=slots, slot_memory_gib=0.0)  # K, now known
+    return ExpertCache.from_config(store, resolved, device,
+                                   model.top_k)  # fmt: skip
 
 
 def _show(layout: dict) -> str:

@@ -31,6 +31,10 @@ EVICTIONS = ("lru", "lfu", "score")
 PREFETCHES = ("off", "temporal", "cross-layer", "both")
 EXECUTORS = ("hybrid", "eager", "graph")
 SLOT_POOLS = ("layer", "shared")
+# The format the host store and the slots hold: the checkpoint's own, or a bf16/fp16
+# checkpoint's experts quantised once at load (round to nearest, no calibration data) to block
+# FP8 (e4m3, 128 x 128 float32 scales: the layout of DeepSeek-V3's and Qwen's FP8 releases).
+EXPERT_FORMATS = ("checkpoint", "fp8")
 
 # Our environment variables: LYNX_SGLANG_<FIELD>. Only these are read, and only they turn the
 # plugin on; a variable that merely starts with LYNX_ belongs to someone else.
@@ -186,6 +190,7 @@ class CacheParams:
     # Or GPU memory for all layers' slots, in GiB: K per layer follows from the experts' format
     # (bytes per expert, scales included). 0: use ``slots``.
     slot_memory_gib: float = 0.0
+    expert_format: str = "checkpoint"
     slot_pool: str = "layer"
     eviction: str = "lru"
     lfu_decay: float = 0.9
@@ -211,6 +216,7 @@ class CacheParams:
                 "all slots), not both"
             )
         _choice("slot_pool", self.slot_pool, SLOT_POOLS)
+        _choice("expert_format", self.expert_format, EXPERT_FORMATS)
         _choice("eviction", self.eviction, EVICTIONS)
         if not 0.0 <= self.lfu_decay <= 1.0:
             raise ConfigError(f"--lynx-lfu-decay must be in [0, 1], got {self.lfu_decay}")
@@ -415,6 +421,8 @@ _HELP = {
     "slot_memory_gib": "GPU memory for the expert slots of all MoE layers, in GiB: K per layer "
     "follows from the experts' format (bytes per expert, scales included; instead of --lynx-slots)",
     "slot_pool": "slots per layer, or one pool shared by all layers",
+    "expert_format": "what the host store and GPU slots hold: the checkpoint's format, or fp8 (a "
+    "bf16/fp16 checkpoint's experts quantised once at load to block FP8: half the bytes per copy)",
     "eviction": "expert cache eviction policy",
     "lfu_decay": "per-step decay of LFU frequencies",
     "prefetch": "prefetch predictor: previous step's set, next layer's router, or both",
@@ -431,6 +439,7 @@ _CHOICES = {
     "prefetch": PREFETCHES,
     "executor": EXECUTORS,
     "slot_pool": SLOT_POOLS,
+    "expert_format": EXPERT_FORMATS,
 }
 
 

@@ -298,3 +298,99 @@ def test_slot_memory_below_top_k_is_refused_in_one_line(sglang_layers):
         LynxRuntime(LynxConfig(mode="offload", slot_memory_gib=1.5 * 3 * H * INTER * 2 / 2**30),
                     facts, torch.device("cpu"))  # fmt: skip
     assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transfer-time quantisation of a bf16 checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bf16_checkpoint_paged_as_block_fp8(sglang_layers):
+    """--lynx-expert-format fp8: a bf16 checkpoint's experts are quantised once on the way into
+    the host store, each shard as an FP8 checkpoint ships it (gate, up and down on their own),
+    with SGLang's block-FP8 method over the slots; half the bytes per copy, scales included."""
+    from sglang.srt.layers.quantization.fp8 import Fp8MoEMethod
+
+    w = bf16_experts(5)
+    runtime, moe = build_converted(w, "cpu")
+    assert isinstance(moe.quant_method.base_method, Fp8MoEMethod)
+    store = runtime.cache.store
+    assert store.nbytes_per_expert == 3 * H * INTER + 4 * (2 * 2 + 2 * 1)  # vs 196,608 in bf16
+    for e in range(E):
+        q1, s1 = quantize_block_fp8(w[e, "w1"])
+        q3, s3 = quantize_block_fp8(w[e, "w3"])
+        q2, s2 = quantize_block_fp8(w[e, "w2"])
+        assert torch.equal(as_bytes(store.tensor(0, "w13")[e]), as_bytes(torch.cat([q1, q3])))
+        assert torch.equal(store.tensor(0, "w13_weight_scale_inv")[e], torch.cat([s1, s3]))
+        assert torch.equal(as_bytes(store.tensor(0, "w2")[e]), as_bytes(q2))
+        assert torch.equal(store.tensor(0, "w2_weight_scale_inv")[e], s2)
+        back = dequantize_block_fp8(
+            store.tensor(0, "w2")[e], store.tensor(0, "w2_weight_scale_inv")[e]
+        )
+        rel = (back - w[e, "w2"].float()).norm() / w[e, "w2"].float().norm()
+        assert rel < 0.05  # e4m3 round to nearest
+    host = {seg.name: store.tensor(0, seg.name) for seg in store.segments}
+    for seed in range(3):
+        x, ids, wts, logits = routing(seed)
+        step = Step(decode=True, num_valid=TOKENS)
+        out = moe_layer_step(0, x, ids, wts, logits, dequant_kernel("fp8-block", {}), step=step,
+                             cache=runtime.cache)  # fmt: skip
+        want = dequant_kernel("fp8-block", host)(x, ids, wts, None)
+        torch.testing.assert_close(out.float(), want.float(), atol=1e-2, rtol=1e-2)
+
+
+def bf16_experts(seed: int) -> dict:
+    """{(expert, shard): bf16 weight}, shards w1 (gate), w3 (up), w2 (down)."""
+    g = torch.Generator().manual_seed(seed)
+    return {(e, proj): (torch.randn(*shape, generator=g) * shape[1] ** -0.5).to(torch.bfloat16)
+            for e in range(E)
+            for proj, shape in (("w1", (INTER, H)), ("w3", (INTER, H)), ("w2", (H, INTER)))}  # fmt: skip
+
+
+def build_converted(w: dict, device: str):
+    """A bf16 FusedMoE under offload with --lynx-expert-format fp8, loaded from ``w``."""
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+
+    facts = ModelFacts(E, TOP_K, H, INTER, (0,), torch.bfloat16)
+    cfg = LynxConfig(mode="offload", slots=4, expert_format="fp8", layer_budgets="",
+                     miss_budget=0.0, prefetch="off", executor="eager")  # fmt: skip
+    runtime = LynxRuntime(cfg, facts, torch.device(device))
+    assert runtime.cache is None  # the layout is the format's, stated by the first layer
+    with activated(runtime), torch.device(device):
+        moe = FusedMoE(num_experts=E, hidden_size=H, intermediate_size=INTER, top_k=TOP_K,
+                       layer_id=0, params_dtype=torch.bfloat16, prefix=PREFIX)  # fmt: skip
+    for (e, shard), t in w.items():
+        name = "w2_weight" if shard == "w2" else "w13_weight"
+        param = getattr(moe, name)
+        param.weight_loader(param, t, f"{PREFIX}.{name}", shard_id=shard, expert_id=e)
+    moe.quant_method.process_weights_after_loading(moe)
+    return runtime, moe
+
+
+@pytest.mark.gpu
+def test_converted_fp8_runs_sglangs_kernel_like_an_fp8_checkpoint(sglang_layers):
+    """On the GPU: the bf16 checkpoint paged as FP8 computes bit for bit what SGLang's block-FP8
+    layer computes on the same weights shipped as an FP8 checkpoint, all resident."""
+    from sglang.srt.layers.moe.topk import StandardTopKOutput
+
+    w = bf16_experts(6)
+    names = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+    ckpt = {(e, names[shard]): quantize_block_fp8(t) for (e, shard), t in w.items()}
+    with torch.device("cuda"):
+        stock = build("fp8-block", None, ckpt)
+    runtime, moe = build_converted(w, "cuda")
+    for seed in range(3):
+        x, ids, wts, logits = (t.cuda() for t in routing(seed))
+        topk = StandardTopKOutput(wts, ids.int(), logits)
+        with activated(runtime), runtime.scope(runtime.decode_step(TOKENS)):
+            got = moe(x, topk)
+        assert torch.equal(got, stock(x, topk))
+
+
+def test_expert_format_needs_offload_and_a_bf16_checkpoint():
+    from lynx_sglang.sglang.checks import ServingFacts, check
+
+    with pytest.raises(UnsupportedConfig, match="needs --lynx-mode offload or lynx\\+offload"):
+        check(LynxConfig(mode="lynx", expert_format="fp8"), ServingFacts())
+    with pytest.raises(UnsupportedConfig, match="this one is already fp8"):
+        check(LynxConfig(mode="offload", expert_format="fp8"), ServingFacts(quantization="fp8"))

@@ -106,9 +106,23 @@ def problems(cfg: LynxConfig, facts: ServingFacts) -> list[str]:
             f"checkpoint; GPTQ/AWQ/Marlin repack after loading): it pages {OFFLOAD_FORMATS} "
             "(or use --lynx-mode lynx)"
         )
-    if quantized and cfg.selection_on and cfg.policy == "similar":
+    if cfg.expert_format != "checkpoint" and not cfg.offload_on:
         out.append(
-            f"--lynx-policy similar reads bf16 expert weights, not {f.quantization} ones "
+            f"--lynx-expert-format {cfg.expert_format} is what the expert cache holds: it needs "
+            "--lynx-mode offload or lynx+offload"
+        )
+    elif cfg.expert_format != "checkpoint" and quantized:
+        out.append(
+            f"--lynx-expert-format {cfg.expert_format} quantises a bf16/fp16 checkpoint; this one "
+            f"is already {f.quantization} (leave --lynx-expert-format checkpoint)"
+        )
+    if (
+        (quantized or cfg.expert_format != "checkpoint")
+        and cfg.selection_on
+        and cfg.policy == "similar"
+    ):
+        out.append(
+            f"--lynx-policy similar reads bf16 expert weights, not {f.quantization or cfg.expert_format} ones "
             "(use --lynx-policy lynx)"
         )
     if f.dtype is not None and f.dtype not in SUPPORTED_DTYPES:

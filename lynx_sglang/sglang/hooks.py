@@ -164,6 +164,13 @@ def _finish_load(runtime: rt_mod.LynxRuntime, model: torch.nn.Module) -> None:
     logger.info("lynx-sglang: %s on %s", _describe(runtime.cfg, runtime), runtime.device)
 
 
+def _format(runtime: rt_mod.LynxRuntime) -> str:
+    dtype = str(runtime.model.dtype).removeprefix("torch.")
+    if runtime.cfg.expert_format == "fp8":
+        return f"block-fp8 (quantised at load from {dtype})"
+    return runtime.model.quantization or dtype
+
+
 def _describe(cfg: LynxConfig, runtime: rt_mod.LynxRuntime) -> str:
     parts = [f"mode={cfg.mode}"]
     if cfg.selection_on:
@@ -178,7 +185,7 @@ def _describe(cfg: LynxConfig, runtime: rt_mod.LynxRuntime) -> str:
         parts.append(
             f"slots={cache.num_slots}/{runtime.model.num_experts} pool={cfg.slot_pool} "
             f"eviction={cfg.eviction} prefetch={cfg.prefetch} executor={cfg.executor} "
-            f"experts={runtime.model.quantization or str(runtime.model.dtype).removeprefix('torch.')} "
+            f"experts={_format(runtime)} "
             f"({store.nbytes_per_expert / 2**20:.2f} MiB each with scales) "
             f"host={store.buffer.numel() / 2**30:.2f} GiB gpu_slots={slot_bytes / 2**30:.2f} GiB"
         )
@@ -258,7 +265,14 @@ def around_fused_moe_init(original: Callable, layer: Any, *args: Any, **kwargs: 
     quant_config, prefix = given.get("quant_config"), given.get("prefix", "")
 
     def make_base(moe: Any) -> Any:
-        """The method FusedMoE would choose itself (its quant config's, or unquantised)."""
+        """The method FusedMoE would choose itself (its quant config's, or unquantised), or
+        with --lynx-expert-format fp8 SGLang's block-FP8 method, which the loaders below feed
+        with the bf16 checkpoint quantised on the way into the host store."""
+        if runtime.cfg.expert_format == "fp8" and quant_config is None:
+            from sglang.srt.layers.quantization.fp8 import Fp8Config, Fp8MoEMethod
+
+            block = Fp8Config(is_checkpoint_fp8_serialized=True, weight_block_size=[128, 128])
+            return Fp8MoEMethod(block)
         method = quant_config.get_quant_method(moe, prefix) if quant_config is not None else None
         return method if method is not None else UnquantizedFusedMoEMethod()
 

@@ -22,6 +22,7 @@ from sglang.srt.layers.moe.token_dispatcher import StandardCombineInput
 from sglang.srt.layers.moe.topk import StandardTopKOutput
 from sglang.srt.layers.quantization.base_config import FusedMoEMethodBase
 
+from lynx_sglang.offload.quantize import quantize_block_fp8
 from lynx_sglang.selection.routing import SCORINGS, Routing
 from lynx_sglang.sglang.checks import UnsupportedConfig
 from lynx_sglang.sglang.runtime import LynxRuntime
@@ -181,8 +182,12 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
         )
 
     def _host_loader(self, layer: torch.nn.Module, key: str) -> Callable[..., None]:
-        """A FusedMoE-style weight loader that writes into the host store."""
+        """A FusedMoE-style weight loader that writes into the host store. With
+        --lynx-expert-format fp8 a bf16/fp16 weight is quantised on the way in (block FP8, each
+        shard on its own, as an FP8 checkpoint ships it) and its scales loaded beside it."""
         host = self.cache.store.tensor(self.index, key)  # [E, *shape] view of the pinned store
+        quantizes = self.runtime.cfg.expert_format == "fp8" and key in ("w13", "w2")
+        scale_key = f"{_param_name(key)}_scale_inv"
 
         def weight_loader(
             param: torch.nn.Parameter,
@@ -199,15 +204,27 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
             expert = layer._map_global_expert_id_to_local_expert_id(expert_id)
             if expert < 0:
                 return
-            row = torch.nn.Parameter(host[expert : expert + 1], requires_grad=False)
-            row.__dict__.update(param.__dict__)
-            layer._weight_loader_impl(
-                param=row,
-                loaded_weight=loaded_weight,
-                weight_name=weight_name,
-                shard_id=shard_id,
-                expert_id=0,
-            )
+            loads = [(host, param, loaded_weight, weight_name)]
+            if (
+                quantizes
+                and loaded_weight.dtype.is_floating_point
+                and loaded_weight.element_size() > 1
+            ):
+                q, scale_inv = quantize_block_fp8(loaded_weight)
+                scale_param = getattr(layer, scale_key)
+                scales = self.cache.store.tensor(self.index, scale_key)
+                loads = [(host, param, q, weight_name),
+                         (scales, scale_param, scale_inv, f"{weight_name}_scale_inv")]  # fmt: skip
+            for store_rows, like, tensor, name in loads:
+                row = torch.nn.Parameter(store_rows[expert : expert + 1], requires_grad=False)
+                row.__dict__.update(like.__dict__)
+                layer._weight_loader_impl(
+                    param=row,
+                    loaded_weight=tensor,
+                    weight_name=name,
+                    shard_id=shard_id,
+                    expert_id=0,
+                )
 
         return weight_loader
 

@@ -20,7 +20,8 @@ def ids(*rows: list[int]) -> torch.Tensor:
 # ---------------------------------------------------------------- the kernel
 @pytest.mark.parametrize(
     "dtype,shape,offset",
-    [(torch.bfloat16, (6, 8), 256), (torch.float32, (5,), 4), (torch.uint8, (7,), 3)],
+    [(torch.bfloat16, (6, 8), 256), (torch.float32, (5,), 4), (torch.uint8, (7,), 3),
+     (torch.float8_e4m3fn, (4, 16), 32), (torch.int8, (3, 5), 17)],  # fmt: skip
 )
 def test_gather_kernel_matches_ref_under_triton_interpret(monkeypatch, dtype, shape, offset):
     monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -205,6 +205,31 @@ def test_offload_serves_the_right_rows(sglang_layers, fmt, slots):
     assert counters["bytes_h2d"] == counters["misses"] * store.nbytes_per_expert
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_captured_steps_gather_quantised_rows(sglang_layers, fmt):
+    """Captured-style decode steps (the row count a device tensor, the device-side executor and
+    its gather) on quantised rows: exact for the real rows, never NaN, within the capture cap."""
+    ckpt = checkpoint(fmt, 3)
+    stock = build(fmt, None, ckpt)
+    runtime = runtime_for(fmt, slots=4)
+    build(fmt, runtime, ckpt)
+    cap = runtime.capture_cap
+    assert cap == 4 // TOP_K
+    resident = dict(stock.named_parameters())
+    for seed in range(4):
+        x, ids, w, logits = routing(10 + seed)
+        x, ids, w, logits = x[:cap], ids[:cap], w[:cap], logits[:cap]
+        step = runtime.capture_step(cap)
+        runtime.graph_rows.fill_(cap - seed % 2)  # what a replay of that many requests writes
+        out = moe_layer_step(0, x, ids, w, logits, dequant_kernel(fmt, {}), step=step,
+                             cache=runtime.cache)  # fmt: skip
+        real = cap - seed % 2
+        assert not torch.isnan(out).any()
+        want = dequant_kernel(fmt, resident)(x, ids, w, None)
+        torch.testing.assert_close(out[:real].float(), want[:real].float(), atol=1e-2, rtol=1e-2)
+    assert runtime.cache.counters()["total"]["overflow"] == 0
+
+
 def test_online_fp8_and_other_methods_are_refused_in_one_line(sglang_layers):
     """Online FP8 quantises on the GPU after loading (the host store would keep bf16); GPTQ's
     Marlin repacks after loading: both refused when their first layer is built."""

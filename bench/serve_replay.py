@@ -672,6 +672,17 @@ def summarise(W: Workload, run: Run, shape: Shape, traced_layers: int) -> dict:
         row["decode_loads_over_min"] = round(
             float(c[dec][..., MISSES].sum()) / max(1, float(mins[dec][..., MISSES].sum())), 4
         )
+        # where the gap lies: the first decode step after a prefill reloads what the prefill's
+        # waves evicted (MIN keeps the next step's experts through a multi-wave step)
+        after = np.array([d and i > 0 and not dec[i - 1] for i, d in enumerate(dec)])
+        if after.any():
+            row["decode_loads_after_prefill_share"] = round(
+                float(c[after][..., MISSES].sum()) / max(1, float(c[dec][..., MISSES].sum())), 4
+            )
+            row["min_decode_loads_after_prefill_share"] = round(
+                float(mins[after][..., MISSES].sum()) / max(1, float(mins[dec][..., MISSES].sum())),
+                4,
+            )
     if run.prediction:
         p = np.array(run.prediction)  # [M, 5]
         per = []

@@ -31,7 +31,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from sglang.srt.utils import kill_process_tree
 
     from lynx_sglang.sglang.checks import UnsupportedConfig, check, facts_from_server_args
-    from lynx_sglang.sglang.plugin import HooksMissing, verify_hooks
+    from lynx_sglang.sglang.hooks import HooksMissing, verify_hooks
 
     _load_plugins()  # as SGLang's own launcher does, before its arguments are parsed
     server_args = prepare_server_args(sglang_argv)

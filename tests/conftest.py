@@ -23,14 +23,14 @@ def sglang_layers():
     from sglang.srt.server_args import ServerArgs
     from sglang.test.parallel_groups import publish
 
-    from lynx_sglang.sglang import plugin
+    from lynx_sglang.sglang import hooks, plugin
 
     reset_context()
     publish(ServerArgs(model_path="dummy"), role="test")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LYNX_SGLANG_MODE", "off")  # register() acts only when our settings exist
         plugin.install()
-    assert not plugin.missing_hooks()
+    assert not hooks.missing_hooks()
     from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
     from sglang.srt.layers.moe.topk import TopK
 

@@ -18,7 +18,7 @@ from sglang.srt.plugins import GENERAL_PLUGINS_GROUP, load_plugins, load_plugins
 from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
 
 from lynx_sglang import config  # noqa: E402
-from lynx_sglang.sglang import plugin  # noqa: E402
+from lynx_sglang.sglang import hooks, plugin  # noqa: E402
 
 # What SGLang's plugin loader imports of ours in a process not asked for lynx-sglang.
 ENTRY_ONLY = ["lynx_sglang", "lynx_sglang.sglang", "lynx_sglang.sglang.plugin"]
@@ -66,10 +66,10 @@ def test_hooks_installed_once_when_loaded_twice(lynx_env, monkeypatch):
     plugin.register()  # and direct calls on top
     plugin.register()
     HookRegistry.apply_hooks()
-    assert {h.target: plugin.times_installed(h) for h in plugin.HOOKS} == {
-        h.target: 1 for h in plugin.HOOKS
+    assert {h.target: hooks.times_installed(h) for h in hooks.HOOKS} == {
+        h.target: 1 for h in hooks.HOOKS
     }
-    for hook in plugin.HOOKS:
+    for hook in hooks.HOOKS:
         mine = [fn for _, fn, _ in HookRegistry._hooks[hook.target] if fn is hook.fn]
         assert len(mine) == 1, hook.target
 
@@ -86,18 +86,18 @@ def test_missing_hooks_raise_when_a_mode_is_requested():
         from lynx_sglang.sglang import hooks, plugin
 
         load_plugins()
-        assert len(plugin.missing_hooks()) == len(plugin.HOOKS), plugin.missing_hooks()
-        plugin.verify_hooks(LynxConfig(mode="off"))  # nothing asked: fine
+        assert len(hooks.missing_hooks()) == len(hooks.HOOKS), hooks.missing_hooks()
+        hooks.verify_hooks(LynxConfig(mode="off"))  # nothing asked: fine
         os.environ["LYNX_SGLANG_MODE"] = "lynx"
         calls = {
-            "verify": lambda: plugin.verify_hooks(LynxConfig.from_env()),
+            "verify": lambda: hooks.verify_hooks(LynxConfig.from_env()),
             "load_model": lambda: hooks.around_load_model(lambda runner: None, object()),
             "check_server_args": lambda: hooks.after_check_server_args(None, object()),
         }
         for name, call in calls.items():
             try:
                 call()
-            except plugin.HooksMissing as e:
+            except hooks.HooksMissing as e:
                 assert "\\n" not in str(e)
                 print("raised", name)
             else:
@@ -165,8 +165,8 @@ def test_sglang_loads_nothing_of_ours_unless_asked():
     got = json.loads(_run(script, _without_lynx_env()).splitlines()[-1])
     assert got["unset"] == ENTRY_ONLY
     assert got["off"] == ENTRY_ONLY
-    assert got["missing"] == [h.target for h in plugin.HOOKS]
-    assert not set(got["registered"]) & {h.target for h in plugin.HOOKS}
+    assert got["missing"] == [h.target for h in hooks.HOOKS]
+    assert not set(got["registered"]) & {h.target for h in hooks.HOOKS}
 
 
 @pytest.mark.slow
@@ -186,7 +186,7 @@ def test_sglang_registers_every_hook_once_when_a_mode_is_set():
                           for h in hooks.HOOKS}))
         """
     got = json.loads(_run(script, _without_lynx_env(LYNX_SGLANG_MODE="lynx")).splitlines()[-1])
-    assert got == {h.target: 1 for h in plugin.HOOKS}
+    assert got == {h.target: 1 for h in hooks.HOOKS}
 
 
 def test_a_foreign_variable_sharing_the_old_prefix_leaves_sglang_stock(monkeypatch):

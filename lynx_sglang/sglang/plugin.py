@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
 
 # The same names as lynx_sglang.config's ENV_PREFIX and env_name("mode"), written out because
 # importing config would cost every SGLang process (tests check that they agree).
 ENV_PREFIX = "LYNX_SGLANG_"
 MODE_ENV = ENV_PREFIX + "MODE"
 
-# Kept importable from here (the launcher, tests); they live in ``hooks``, loaded on first use.
-_FROM_HOOKS = ("HOOKS", "Hook", "HooksMissing", "missing_hooks", "times_installed", "verify_hooks")
-
-__all__ = ["ENV_PREFIX", "MODE_ENV", "asked", "install", "register", *_FROM_HOOKS]
+__all__ = ["ENV_PREFIX", "MODE_ENV", "asked", "install", "register"]
 
 
 def asked(environ: Mapping[str, str] | None = None) -> bool:
@@ -70,10 +66,3 @@ def _register_hooks() -> None:
         if not any(fn is hook.fn for _, fn, _ in registered):
             HookRegistry.register(hook.target, hook.fn, hook.kind)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _FROM_HOOKS:
-        from lynx_sglang.sglang import hooks
-
-        return getattr(hooks, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

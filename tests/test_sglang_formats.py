@@ -230,6 +230,55 @@ def test_captured_steps_gather_quantised_rows(sglang_layers, fmt):
     assert runtime.cache.counters()["total"]["overflow"] == 0
 
 
+def test_lynx_mode_hands_the_selection_to_the_formats_own_kernel(sglang_layers):
+    """lynx alone on a block-FP8 layer: our method wraps SGLang's Fp8MoEMethod and hands its
+    apply the selected ids and weights; the experts stay the layer's own FP8 parameters. (The
+    FP8 kernel has no CPU driver: its call is recorded here and answered by the dequantising
+    reference; the gpu test below runs the kernel itself.)"""
+    from lynx_sglang.selection import distinct_experts, select_experts_ref
+
+    fmt, tokens = "fp8-block", 4
+    ckpt = checkpoint(fmt, 4)
+    facts = ModelFacts(E, TOP_K, H, INTER, (0,), torch.bfloat16, quantization="fp8")
+    runtime = LynxRuntime(LynxConfig(mode="lynx", budget=0.5, layer_budgets=""), facts,
+                          torch.device("cpu"))  # fmt: skip
+    moe = build(fmt, runtime, ckpt)
+    base = moe.quant_method.base_method
+    assert type(base).__name__ == "Fp8MoEMethod" and moe.w13_weight.shape[0] == E
+    calls = []
+
+    def kernel(layer, dispatch_output):
+        from sglang.srt.layers.moe.token_dispatcher import StandardCombineInput
+
+        t = dispatch_output.topk_output
+        calls.append(t)
+        x = dispatch_output.hidden_states
+        out = dequant_kernel(fmt, dict(layer.named_parameters()))(
+            x, t.topk_ids, t.topk_weights, None
+        )
+        return StandardCombineInput(hidden_states=out)
+
+    base.apply = kernel
+    from sglang.srt.layers.moe.topk import StandardTopKOutput
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(tokens, H, generator=g).to(torch.bfloat16)
+    logits = torch.randn(tokens, E, generator=g) * 2
+    p = logits.softmax(-1)
+    ids = p.topk(TOP_K, -1).indices
+    w = p.gather(1, ids) / p.gather(1, ids).sum(-1, keepdim=True)
+    with activated(runtime), runtime.scope(runtime.decode_step(tokens)):
+        out = moe(x, StandardTopKOutput(w, ids, logits))
+    (sel,) = calls
+    ref = select_experts_ref(logits, ids, w, runtime.cfg.selection, num_valid=tokens)
+    assert torch.equal(sel.topk_ids, ref.topk_ids)
+    assert distinct_experts(ref.topk_ids, E) < distinct_experts(ids, E)
+    want = dequant_kernel(fmt, dict(moe.named_parameters()))(
+        x, ref.topk_ids, ref.topk_weights, None
+    )
+    torch.testing.assert_close(out, want)
+
+
 def test_online_fp8_and_other_methods_are_refused_in_one_line(sglang_layers):
     """Online FP8 quantises on the GPU after loading (the host store would keep bf16); GPTQ's
     Marlin repacks after loading: both refused when their first layer is built."""
@@ -419,3 +468,32 @@ def test_expert_format_needs_offload_and_a_bf16_checkpoint():
         check(LynxConfig(mode="lynx", expert_format="fp8"), ServingFacts())
     with pytest.raises(UnsupportedConfig, match="this one is already fp8"):
         check(LynxConfig(mode="offload", expert_format="fp8"), ServingFacts(quantization="fp8"))
+
+
+@pytest.mark.gpu
+def test_lynx_mode_on_fp8_runs_sglangs_kernel_on_the_selection(sglang_layers):
+    """On the GPU: lynx on a block-FP8 layer computes bit for bit what the stock FP8 layer
+    computes on the reference policy's ids and weights."""
+    from sglang.srt.layers.moe.topk import StandardTopKOutput
+
+    from lynx_sglang.selection import select_experts_ref
+
+    fmt, tokens = "fp8-block", 4
+    ckpt = checkpoint(fmt, 4)
+    facts = ModelFacts(E, TOP_K, H, INTER, (0,), torch.bfloat16, quantization="fp8")
+    runtime = LynxRuntime(LynxConfig(mode="lynx", budget=0.5, layer_budgets=""), facts,
+                          torch.device("cuda"))  # fmt: skip
+    with torch.device("cuda"):
+        stock = build(fmt, None, ckpt)
+        moe = build(fmt, runtime, ckpt)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(tokens, H, generator=g).to(torch.bfloat16).cuda()
+    logits = (torch.randn(tokens, E, generator=g) * 2).cuda()
+    p = logits.softmax(-1)
+    ids = p.topk(TOP_K, -1).indices
+    w = p.gather(1, ids) / p.gather(1, ids).sum(-1, keepdim=True)
+    with activated(runtime), runtime.scope(runtime.decode_step(tokens)):
+        out = moe(x, StandardTopKOutput(w, ids.int(), logits))
+    ref = select_experts_ref(logits, ids, w, runtime.cfg.selection, num_valid=tokens)
+    want = stock(x, StandardTopKOutput(ref.topk_weights, ref.topk_ids.int(), logits))
+    assert torch.equal(out, want)

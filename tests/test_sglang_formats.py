@@ -497,3 +497,69 @@ def test_lynx_mode_on_fp8_runs_sglangs_kernel_on_the_selection(sglang_layers):
     ref = select_experts_ref(logits, ids, w, runtime.cfg.selection, num_valid=tokens)
     want = stock(x, StandardTopKOutput(ref.topk_weights, ref.topk_ids.int(), logits))
     assert torch.equal(out, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# A block-FP8 copy of the shipped model (bench/quantize_model.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fp8_copy_of_the_shipped_model_pages_through_sglangs_fp8_loaders(sglang_layers, tmp_path):
+    """The copy is an FP8 checkpoint as Qwen ships them (quantization_config with
+    weight_block_size, weight_scale_inv beside each expert weight); SGLang's Fp8Config reads it,
+    and its experts page through the FP8 MoE loaders into the host store, byte for byte."""
+    import json
+
+    from safetensors.torch import load_file
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+    from sglang.srt.layers.quantization.fp8 import Fp8Config
+
+    from bench.quantize_model import quantize_model
+    from lynx_sglang import SHIPPED_MODEL
+
+    report = quantize_model(SHIPPED_MODEL, tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    qc = Fp8Config.from_config(hf["quantization_config"])
+    assert qc.weight_block_size == [128, 128] and qc.is_checkpoint_fp8_serialized
+    files = load_file(str(tmp_path / "model.safetensors"))
+    original = load_file(str(SHIPPED_MODEL / "model.safetensors"))
+    E, k, H, inter = (
+        hf["num_experts"],
+        hf["num_experts_per_tok"],
+        hf["hidden_size"],
+        hf["moe_intermediate_size"],
+    )
+    assert report["expert_tensors"] == 3 * E * hf["num_hidden_layers"]
+    assert report["expert_bytes_after"] < 0.52 * report["expert_bytes_before"]
+    facts = ModelFacts(E, k, H, inter, (0,), torch.bfloat16, quantization="fp8")
+    cfg = LynxConfig(mode="offload", slots=16, layer_budgets="", miss_budget=0.0, prefetch="off")
+    runtime = LynxRuntime(cfg, facts, torch.device("cpu"))
+    prefix = "model.layers.0.mlp.experts"
+    with activated(runtime):
+        moe = FusedMoE(num_experts=E, hidden_size=H, intermediate_size=inter, top_k=k, layer_id=0,
+                       params_dtype=torch.bfloat16, quant_config=qc, prefix=prefix)  # fmt: skip
+    params = dict(moe.named_parameters())
+    mapping = FusedMoE.make_expert_params_mapping(
+        ckpt_gate_proj_name="gate_proj", ckpt_down_proj_name="down_proj",
+        ckpt_up_proj_name="up_proj", num_experts=E,
+    )  # fmt: skip
+    for param_prefix, weight_prefix, expert, shard in mapping:
+        for suffix in ("weight", "weight_scale_inv"):
+            name = param_prefix.removeprefix("experts.") + suffix
+            tensor = files[f"model.layers.0.mlp.{weight_prefix}{suffix}"]
+            params[name].weight_loader(params[name], tensor, f"{prefix}.{name}", shard_id=shard,
+                                       expert_id=expert)  # fmt: skip
+    moe.quant_method.process_weights_after_loading(moe)
+    store = runtime.cache.store
+    for e in (0, E // 2, E - 1):
+        ckpt = f"model.layers.0.mlp.experts.{e}."
+        gate_up = torch.cat([files[ckpt + "gate_proj.weight"], files[ckpt + "up_proj.weight"]])
+        assert torch.equal(as_bytes(store.tensor(0, "w13")[e]), as_bytes(gate_up))
+        assert torch.equal(
+            store.tensor(0, "w2_weight_scale_inv")[e], files[ckpt + "down_proj.weight_scale_inv"]
+        )
+        back = dequantize_block_fp8(
+            store.tensor(0, "w2")[e], store.tensor(0, "w2_weight_scale_inv")[e]
+        )
+        want = original[ckpt + "down_proj.weight"].float()
+        assert (back - want).norm() / want.norm() < 0.05

@@ -30,7 +30,18 @@ its experts at every step, so its counters are exact too; on a GPU it is run and
 paged experts is replayed through its own code where SGLang is installed, and its counters
 recorded (--out-dir/sglang_paged_counts.npz); where it is not (the GPU machine), the counters
 recorded for the same routing are used, labelled, or the row is absent. Other expert sizes reuse
-the same counters (labelled). Per row:
+the same counters (labelled).
+
+Expert formats (``--formats bf16,fp8,int4`` at ``--expert-memory`` 0.25: a GPU budget for routed
+experts of that fraction of the layer's E experts in bf16, and at each ``--device-shapes`` shape the
+budget one H200 leaves for its experts): the format sets K = floor(budget / bytes_per_expert), so a
+smaller format buys more slots as well as cheaper copies and reads (bytes: the format's real bytes,
+scales included). Per format: offloading alone (ours; SGLang's paged experts at its K for that
+format) and lynx+offload (+miss), quality measured on the model with every expert quantised RTN
+and dequantised: against the model in that same format (a checkpoint shipped in it: the speedup
+is stated at the same format) and against the bf16 experts ("sent_from_bf16": a bf16 checkpoint
+sent as that format, gated like any selection and compared with SGLang at the best format it runs
+inside the gate). Projected only (a CPU run; a GPU run states the section absent). Per row:
 decode_ms_per_step is each sequence's time per token, ms_per_token the step over B. The
 "temporal" prefetch mode copies nothing with per-layer slot pools (the previous step's experts
 of a layer are still resident), so it is not swept by default. Last stdout line: JSON.
@@ -54,7 +65,7 @@ import torch
 
 from bench import peers, quality
 from bench.compare_report import plot, print_report
-from bench.projection import SHAPES, Hardware, Shape, layer_seconds, step_seconds
+from bench.projection import SHAPES, Hardware, Shape, layer_seconds, slots_at_memory, step_seconds
 from lynx_sglang import SHIPPED_MODEL
 from lynx_sglang.config import SelectionParams
 from lynx_sglang.model.qwen3_moe import MoEModel, experts_forward
@@ -91,7 +102,11 @@ VARIANTS = {
 BUDGET_VARIANTS = ("lynx+offload", "lynx+offload +miss", "lynx+offload (no cap)",
                    "lynx+offload +miss (no cap)")  # fmt: skip
 QUICK = dict(prefill=24, decode=16, warmup=4, max_batches=1, quality_windows=1, k_fractions="0.25,0.5",
-             evictions="lfu,score", prefetches="cross-layer", budgets="")  # fmt: skip
+             evictions="lfu,score", prefetches="cross-layer", budgets="", formats="",
+             device_shapes="")  # fmt: skip
+# formats SGLang's paged experts pages from a checkpoint (block FP8; GPTQ/AWQ int4 via Marlin)
+SGLANG_FORMATS = ("bf16", "fp8", "int4")
+FORMAT_VARIANTS = {k: VARIANTS[k] for k in ("lynx+offload", "lynx+offload +miss", "lynx+offload +prefetch")}
 DISTINCT, HITS, MISSES, PREFETCHED, WAVES = range(5)  # Run.counts columns
 
 
@@ -578,6 +593,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--name", default="", help="output name (default compare_offload[_quick])")
     add("--out-dir", default=str(RESULTS))
     add("--no-plot", action="store_true")
+    add("--formats", default="bf16,fp8,int4",
+        help="expert formats of the memory-budget section (bf16, fp8, int4, int3; empty: none)")
+    add("--expert-memory", default="0.25",
+        help="GPU budgets for routed experts, as fractions of the layer's E experts in bf16")
+    add("--device-shapes", default="qwen3-235b-a22b-fp8,deepseek-v3-fp8",
+        help="shapes projected at the expert budget one device leaves them (Shape.device_expert_bytes)")
     add("--peer-counts", default=str(peers.RECORDED),
         help="SGLang paged-experts counters a run with SGLang recorded, read where it is absent")
     if ap.parse_known_args(argv)[0].quick:  # the preset; explicit flags still win
@@ -634,6 +655,16 @@ class Bench:
         self.keep_hidden = cross or (self.measured and args.shape == "shipped")
         self.heldout = quality.load_heldout_ids(self.model_dir)
         self.rows: list[dict] = []
+        self.formats = [f for f in args.formats.split(",") if f]
+        # (label, fraction of the layer's E experts in bf16, shape the rows are projected at)
+        self.memories = [(f"{float(m):g} x bf16 experts", float(m), self.shape)
+                         for m in args.expert_memory.split(",") if m]  # fmt: skip
+        for name in (n for n in args.device_shapes.split(",") if n):
+            sh = SHAPES[name]
+            self.memories.append((f"one H200 at {name}", sh.device_fraction("bf16"), sh))
+        self.format_rows: list[dict] = []
+        self._qmodels: dict = {}
+        self._sweeps: dict = {}
         # SGLang's paged experts: its own code where installed (recorded beside the results),
         # else what a run with it recorded for the same routing
         self.sglang = peers.PeerCounts(args.peer_counts, Path(args.out_dir) / peers.RECORDED.name)
@@ -710,6 +741,8 @@ class Bench:
                     names = {f"{n} b={b:g}": VARIANTS[n] for n in BUDGET_VARIANTS}
                     self.product_rows({**ctx, "pre": sel["pre"], "params": sel["params"],
                                        "miss_budget": b}, f, sel, names)  # fmt: skip
+        if self.formats and not self.measured:
+            self.run_formats(ctx)
         print(f"  batch {B}: {len(wins)} window(s) x {R.ids.shape[1]} decode steps, "
               f"{time.time() - self.t0:.1f} s", flush=True)  # fmt: skip
 
@@ -798,10 +831,94 @@ class Bench:
                                  "capped at K (captured steps)")  # fmt: skip
             self.rows.append(self.row(best, B, q, sweep))
 
+    def qmodel(self, fmt: str) -> MoEModel:
+        """The model with every expert quantised to ``fmt`` (RTN) and dequantised, built once."""
+        if fmt not in self._qmodels:
+            self._qmodels[fmt] = quality.quantized_model(self.model, fmt)
+        return self._qmodels[fmt]
+
+    def run_formats(self, ctx: dict) -> None:
+        """The memory-budget section at this batch: per budget and format, K from the format's
+        bytes, offloading alone (ours, SGLang) and lynx+offload, each with its two qualities."""
+        B, P, R, W = ctx["B"], self.args.prefill, ctx["R"], ctx["R"].ids.shape[0]
+        D, L = R.ids.shape[1:3]
+        bases = {}  # fmt -> (its unmodified run on the quality sample, on the replayed windows)
+        for fmt in dict.fromkeys(["bf16", *self.formats]):
+            qm = self.qmodel(fmt)
+            qb, _, _ = quality.run_setting(qm, ctx["qwins"], P, None, ctx["qbase_am"])
+            wb, _, _ = quality.run_setting(qm, ctx["wins"], P, None, ctx["base_am"])
+            bases[fmt] = (qb, wb)
+
+        def two(r_q, fmt: str, on: int, source: str) -> tuple[dict, dict]:
+            """(quality vs the model in fmt, vs the bf16 experts) of one result."""
+            same = quality_cost(r_q, bases[fmt][on], source) if r_q is not None else \
+                quality_cost(None, bases[fmt][on], "exact (selection off; the cache is lossless)")  # fmt: skip
+            sent = quality_cost(r_q if r_q is not None else bases[fmt][on], bases["bf16"][on],
+                                f"{fmt} (RTN) against bf16 experts")  # fmt: skip
+            if fmt == "bf16" and r_q is None:
+                sent = same
+            keys = ("ppl_rel_increase", "accuracy_delta_points", "ci95", "quality_verdict")
+            return same, {k: sent.get(k) for k in keys}
+
+        for label, m, shape in self.memories:
+            for fmt in self.formats:
+                K = slots_at_memory(m, fmt, shape, self.E, self.k)
+                sh = shape.with_format(fmt)
+                tag = {"format": fmt, "memory": label, "memory_fraction": round(m, 4)}
+                if not K:
+                    row = peer_row(OURS, B, self.k, self.E, sh, f"does not fit: fewer than top-{self.k} "
+                                   f"{fmt} experts per layer in {label}")  # fmt: skip
+                    self.format_rows.append({**row, **tag, "slots": 0})
+                    continue
+                same, sent = two(None, fmt, 0, "")
+                sweep = self._sweep(ctx, B, K, OURS, [Setup(OURS, K, eviction=e, prefetch=md)
+                                    for e in self.evictions for md in ["off", *self.prefetches]])  # fmt: skip
+                best = best_run(sweep, B, self.k, sh, self.hw)
+                self.format_rows.append({**self._frow(best, B, sh, same), **tag, "sent_from_bf16": sent})
+                flat = R.ids.reshape(W * D, L, *R.ids.shape[3:]).cpu()
+                got = self.sglang.get(flat, self.E, K) if fmt in SGLANG_FORMATS else None
+                if got is not None:
+                    counts, plan_us, source = got
+                    captured = B <= peers.capture_cap(K, self.k)
+                    run = Run(Setup(SGLANG_PEER, K, eviction="lru"), counts[ctx["warmup"]:], None,
+                              path="CUDA graph" if captured else f"eager (B > {peers.capture_cap(K, self.k)})",
+                              host_us=0.0 if captured else plan_us)  # fmt: skip
+                    self.format_rows.append({**self._frow(run, B, sh, same), **tag, "sent_from_bf16": sent,
+                                             "counter_source": source})  # fmt: skip
+                for name, (aware, pf, bound) in FORMAT_VARIANTS.items():
+                    if pf and not self.prefetches:
+                        continue
+                    p = replace(self.params, miss_budget=self.args.miss_budget) if aware else self.params
+                    sweep = self._sweep(ctx, B, K, name, [Setup(name, K, True, bool(aware), e, md, p.budget, bound)
+                                        for e in self.evictions for md in (self.prefetches if pf else ["off"])], p)  # fmt: skip
+                    best = best_run(sweep, B, self.k, sh, self.hw)
+                    bounded = bounded_selection(p, K, self.E)
+                    ran = bounded if best.path == "CUDA graph" and bound else p
+                    if aware:
+                        r = quality_with_resident(self.qmodel(fmt), ctx["wins"], P, ran, best.resident,
+                                                  ctx["base_am"])  # fmt: skip
+                        same, sent = two(r, fmt, 1, "bench/quality.py measure on the format's model; "
+                                         "selection sees the resident masks of this replay")  # fmt: skip
+                    else:
+                        r, _, _ = quality.run_setting(self.qmodel(fmt), ctx["qwins"], P, ran, ctx["qbase_am"])
+                        same, sent = two(r, fmt, 0, "bench/quality.py on the format's model at this batch")
+                    self.format_rows.append({**self._frow(best, B, sh, same), **tag, "sent_from_bf16": sent})
+
+    def _sweep(self, ctx: dict, B: int, K: int, name: str, setups: list, params=None) -> list[Run]:
+        """Replays at K, shared by every budget and format that lands on the same K."""
+        key = (B, K, name)
+        if key not in self._sweeps:
+            self._sweeps[key] = [self.replay(ctx, st, params) for st in setups]
+        return self._sweeps[key]
+
+    def _frow(self, run: Run, B: int, shape: Shape, q: dict) -> dict:
+        return make_row(run, B, self.k, self.E, shape, self.hw, q, None, self.measured)
+
     def finish(self) -> dict:
         """Summary, table, JSON file, plots; returns the result."""
         args = self.args
         result = summarise(self)
+        result["formats"] = summarise_formats(self)
         result.update(
             device=self.device_name, routing=self.routing_src, model=str(self.model_dir),
             quality_goal=QUALITY_GOAL, seconds=round(time.time() - self.t0, 1),
@@ -831,7 +948,78 @@ def compact(result: dict, path: Path) -> dict:
             "shape": result["shape"], "slots": result["slots"],
             "primary_k_fraction": result["primary_k_fraction"], "product": product,
             "goal_met": result["goal"]["met"], "rows": len(result["rows"]),
-            "seconds": result["seconds"], "out": str(path)}  # fmt: skip
+            "seconds": result["seconds"], "out": str(path),
+            "formats": compact_formats(result.get("formats"))}  # fmt: skip
+
+
+def compact_formats(fm: dict | None) -> dict | None:
+    """The memory-budget section's headline at its first budget: per batch, the same-format
+    speedup of each format and the bf16 checkpoint's best row against SGLang's best format."""
+    if not fm or not fm.get("budgets"):
+        return None
+    label, first = next(iter(fm["budgets"].items()))
+    out = {"memory": label, "K": first["K"]}
+    for B, at in first["by_batch"].items():
+        s = at["bf16_checkpoint"]
+        out[B] = {"same_format": {f: v["speedup_same_format"] for f, v in at["formats"].items()},
+                  "bf16_sent_as": s.get("format"), "vs_sglang_best": s.get("speedup_vs_sglang_best")}  # fmt: skip
+    return out
+
+
+def summarise_formats(bench: Bench) -> dict:
+    """Per budget and batch: each format's product over offloading alone at that same format
+    (ours or SGLang's, the faster; the product's rows gated against the model in that format),
+    and the bf16 checkpoint's fastest row inside the gate against the bf16 experts (a format
+    change gated like any selection) over SGLang's fastest format inside that gate."""
+    if not bench.formats:
+        return {"budgets": {}, "note": "no --formats"}
+    if bench.measured:
+        return {"budgets": {}, "note": "projected only: a GPU run has no quantised kernels here"}
+    ok = [r for r in bench.format_rows if r["status"] == "ok"]
+    ok_sent = lambda r: r["sent_from_bf16"]["quality_verdict"] in ("exact", "met")  # noqa: E731
+    out = {}
+    for label, m, shape in bench.memories:
+        at_m = [r for r in bench.format_rows if r["memory"] == label]
+        entry = {"memory_fraction": round(m, 4), "shape": shape.name,
+                 "K": {f: next((r["slots"] for r in at_m if r["format"] == f), 0) for f in bench.formats},
+                 "by_batch": {}}  # fmt: skip
+        for B in dict.fromkeys(r["batch"] for r in ok if r["memory"] == label):
+            rows = [r for r in ok if r["memory"] == label and r["batch"] == B]
+            per = {}
+            for f in bench.formats:
+                fr = [r for r in rows if r["format"] == f]
+                offl = [r for r in fr if r["system"].startswith("offload")]
+                if not offl:
+                    continue
+                ref = max(offl, key=lambda r: r["tokens_per_s"])
+                good = [r for r in fr if r["system"].startswith(PRODUCT) and meets_goal(r)]
+                p = max(good, key=lambda r: r["tokens_per_s"]) if good else ref
+                sg = next((r["tokens_per_s"] for r in offl if r["system"] == SGLANG_PEER), None)
+                per[f] = {"K": ref["slots"], "offload_ours": next(r["tokens_per_s"] for r in offl if r["system"] == OURS),
+                          "sglang": sg, "product": p["tokens_per_s"], "product_system": p["system"],
+                          "speedup_same_format": round(p["tokens_per_s"] / ref["tokens_per_s"], 3),
+                          "meets_quality_goal": bool(good)}  # fmt: skip
+            ours = [r for r in rows if r["system"] != SGLANG_PEER and ok_sent(r) and
+                    (meets_goal(r) or not r["selection"])]  # fmt: skip
+            peer = [r for r in rows if r["system"] == SGLANG_PEER and ok_sent(r)]
+            view = {}
+            if ours:
+                b = max(ours, key=lambda r: r["tokens_per_s"])
+                view = {"system": b["system"], "format": b["format"], "tokens_per_s": b["tokens_per_s"],
+                        "sent_from_bf16": b["sent_from_bf16"]}  # fmt: skip
+                base16 = per.get("bf16", {}).get("offload_ours")
+                if base16:
+                    view["speedup_vs_offload_bf16"] = round(b["tokens_per_s"] / base16, 3)
+                if peer:
+                    pb = max(peer, key=lambda r: r["tokens_per_s"])
+                    view.update(sglang_best_format=pb["format"], sglang_tokens_per_s=pb["tokens_per_s"],
+                                speedup_vs_sglang_best=round(b["tokens_per_s"] / pb["tokens_per_s"], 3))  # fmt: skip
+            entry["by_batch"][str(B)] = {"formats": per, "bf16_checkpoint": view}
+        out[label] = entry
+    return {"budgets": out, "rows": bench.format_rows,
+            "rule": "K = floor(budget / bytes_per_expert(format)), budget = fraction x E x bf16 bytes; "
+                    "same-format speedups gate selection against the model in that format; the bf16 "
+                    "checkpoint's rows gate the format change and the selection against bf16 experts"}  # fmt: skip
 
 
 def _gpu_weights(model: MoEModel, shape: Shape, shipped: Shape, repeats: int) -> Gpu:

@@ -16,17 +16,22 @@ seconds with a declared model, and every number it produces is labelled "project
                                                         excess delays the next layer
     t_step  = sum over traced layers of t_layer * (layers of the shape / traced layers)
 
-B_e is one routed expert's bf16 bytes (w13 [2I, H] + w2 [H, I]); T tokens in the decode batch,
-top-k k. B_s is the bf16 bytes of the layer's shared experts (I_s their summed intermediate width):
+B_e is one routed expert's bytes in the shape's expert format (w13 [2I, H] + w2 [H, I]; bf16 unless
+the shape says otherwise, ``lynx_sglang.offload.quantize.bytes_per_expert``: FP8 and int4 halve and
+quarter both the copy and the HBM read; FLOPs unchanged, a w4a16/w8a8 kernel still does 6 H I k T); T tokens in the decode batch,
+top-k k. B_s is the bytes (``shared_fmt``) of the layer's shared experts (I_s their summed intermediate width):
 always resident on the GPU (never offloaded, never counted among the routed experts), so they add
 an HBM read and their FLOPs to every layer step and no copies. B_s = 0 for shapes without them.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
+
+from lynx_sglang.offload.quantize import bytes_per_expert
 
 
 @dataclass(frozen=True)
@@ -59,16 +64,40 @@ class Shape:
     experts: int  # routed E of the real model (informational: the cache sees the routing's E)
     top_k: int  # k of the real model (informational: the routing's k enters the FLOPs)
     shared_inter: int = 0  # I_s: summed intermediate width of the always-resident shared experts
+    fmt: str = "bf16"  # the routed experts' format (what is stored, copied and read)
+    shared_fmt: str = "bf16"  # the shared experts' format (resident, read every step)
+    # GPU memory left for routed experts on the device the shape is projected on (0: not stated)
+    device_expert_bytes: int = 0
 
     @property
     def expert_bytes(self) -> int:
-        """One routed bf16 expert: w13 [2I, H] + w2 [H, I]."""
-        return 3 * self.hidden * self.inter * 2
+        """One routed expert in ``fmt``: w13 [2I, H] + w2 [H, I], scales included."""
+        return bytes_per_expert(self.fmt, self.hidden, self.inter)
 
     @property
     def shared_bytes(self) -> int:
-        """A layer's bf16 shared experts: w13 [2 I_s, H] + w2 [H, I_s] (0 without them)."""
-        return 3 * self.hidden * self.shared_inter * 2
+        """A layer's shared experts: w13 [2 I_s, H] + w2 [H, I_s] in ``shared_fmt`` (0 without)."""
+        return bytes_per_expert(self.shared_fmt, self.hidden, self.shared_inter) if self.shared_inter else 0
+
+    def with_format(self, fmt: str) -> Shape:
+        """The same model with its routed experts in ``fmt`` (shared experts as they were)."""
+        return replace(self, fmt=fmt)
+
+    def device_fraction(self, fmt: str) -> float:
+        """The fraction of the real model's routed experts (L x E) that ``device_expert_bytes``
+        holds in ``fmt`` (0 when the shape states no device)."""
+        total = self.layers * self.experts * bytes_per_expert(fmt, self.hidden, self.inter)
+        return self.device_expert_bytes / total if self.device_expert_bytes else 0.0
+
+
+def slots_at_memory(memory_fraction: float, fmt: str, shape: Shape, traced_experts: int,
+                    top_k: int) -> int:  # fmt: skip
+    """K per layer that a GPU expert budget buys in ``fmt``: the budget is ``memory_fraction`` of
+    the layer's E experts in bf16, so K = floor(fraction x E x B_bf16 / B_fmt), at most E; 0 where
+    fewer than top-k fit (the format cannot run at this budget)."""
+    bf16 = bytes_per_expert("bf16", shape.hidden, shape.inter)
+    K = min(traced_experts, math.floor(memory_fraction * traced_experts * bf16 / shape.with_format(fmt).expert_bytes + 1e-9))
+    return K if K >= top_k else 0
 
 
 # Real shapes (H, I, MoE layers and shared width from their configs; sources in bench/SHAPES.md).
@@ -86,6 +115,14 @@ SHAPES = {
     # 60 layers, all MoE (15 x (3 Gated DeltaNet + 1 full attention)); 25.2 MB + 25.2 MB shared;
     # the shared width 1024 is from third-party restatements, not read from its config.json
     "qwen3.5-397b-a17b": Shape("qwen3.5-397b-a17b", 4096, 1024, 60, 512, 10, 1024),
+    # FP8 checkpoints (block 128 x 128 e4m3, fp32 scale_inv) on one H200: the GPU memory left for
+    # routed experts is declared in H200_EXPERT_BYTES (bench/SHAPES.md: how it is derived)
+    # 94 layers, all MoE, 128 experts, top-8: 18.9 MB / FP8 expert, 227 GB of routed experts
+    "qwen3-235b-a22b-fp8": Shape("qwen3-235b-a22b-fp8", 4096, 1536, 94, 128, 8, fmt="fp8",
+                                 device_expert_bytes=110 * 10**9),  # fmt: skip
+    # deepseek-v3's shape as its published FP8 checkpoint: 44.1 MB / FP8 expert, 654 GB routed
+    "deepseek-v3-fp8": Shape("deepseek-v3-fp8", 7168, 2048, 58, 256, 8, 2048, fmt="fp8",
+                             shared_fmt="fp8", device_expert_bytes=100 * 10**9),  # fmt: skip
 }
 
 

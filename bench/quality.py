@@ -16,6 +16,15 @@ selection in front of an expert cache of K = E/N slots per layer, the selection 
 cache's resident mask step by step, as the server's step does), ``t=X`` (the "similar"
 policy's threshold). Each line runs at every budget.
 
+Expert formats (``--formats bf16,fp8,int4,int3``): a row per format, the model with every expert
+weight (w13, w2 of every MoE layer) quantised round-to-nearest with no calibration data and
+dequantised (``lynx_sglang.offload.quantize.fake_quantize``: block FP8 e4m3 128x128, int-b
+symmetric with an fp16 scale per 64 weights along the input dim), everything else as it is,
+against the same unmodified model as every line, so precision sits beside selection;
+``FMT+LINE`` is the format under a selection line at every budget (``int4+default``: under the
+recommended setting). With ``bf16`` among them, each format row also carries its interval against
+the bf16-expert row (``vs_bf16``: what the format costs over the checkpoint it is made from).
+
 Per setting: distinct experts per layer per decode step (mean; reduction against the base),
 host->GPU bytes per decode token at K = E/4 and E/2 (the project's ExpertCache, LRU, per-layer
 slots, replaying the run's own decode routing; misses counted after `--warmup` steps; the
@@ -44,6 +53,7 @@ import torch
 from lynx_sglang import SHIPPED_MODEL, SHIPPED_MODELS
 from lynx_sglang.model.qwen3_moe import MoEModel
 from lynx_sglang.offload import ExpertCache, HostExpertStore
+from lynx_sglang.offload.quantize import FORMATS, fake_quantize
 from lynx_sglang.selection.policy import SelectionParams, distinct_experts, select_experts_ref
 from lynx_sglang.selection.similarity import expert_similarity
 
@@ -82,12 +92,39 @@ class Setting:
     """One point of the frontier: a line (policy and options) at one budget."""
 
     line: str
-    params: SelectionParams
+    params: Optional[SelectionParams]  # None: selection off (a format row)
     fraction: Optional[int] = None  # miss-aware: the cache it reads has K = E / fraction slots
+    fmt: str = ""  # expert format the model's experts are sent as ("": as they are)
 
     @property
     def name(self) -> str:
+        if self.params is None:
+            return f"{self.fmt} experts"
         return f"{self.line} b={self.params.budget:g}"
+
+
+def parse_format(item: str, budgets: list[float]) -> list[Setting]:
+    """``FMT`` (the format alone) or ``FMT+LINE`` (under a frontier line at every budget;
+    ``FMT+default``: under the recommended setting) -> Settings (one-line ValueError otherwise)."""
+    fmt, _, line = item.partition("+")
+    if fmt not in FORMATS:
+        raise ValueError(f"--formats {item!r}: the format is one of {', '.join(FORMATS)}")
+    if not line:
+        return [Setting(f"format {fmt}", None, fmt=fmt)]
+    if line == "default":
+        return [Setting(item, DEFAULT, fmt=fmt)]
+    return [replace(parse_line(line, b), line=item, fmt=fmt) for b in budgets]
+
+
+def quantized_model(model: MoEModel, fmt: str) -> MoEModel:
+    """A copy of ``model`` with every MoE layer's expert weights (w13 [E, 2I, H], w2 [E, H, I],
+    the input dim last) quantised to ``fmt`` and dequantised; router and the rest unchanged."""
+    q = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in q.layers:
+            for w in (layer.mlp.w13, layer.mlp.w2):
+                w.copy_(fake_quantize(w, fmt))
+    return q
 
 
 def parse_line(line: str, budget: float, base: SelectionParams = DEFAULT) -> Setting:
@@ -195,6 +232,7 @@ class Result:
     misses: dict = field(default_factory=dict)  # {K: expert copies after warmup, all layers}
     line: str = ""
     budget: float = 1.0
+    fmt: str = ""  # the expert format of the model it ran ("": as shipped)
 
     @property
     def nll_sum(self) -> float:
@@ -324,24 +362,28 @@ def evaluate(model, batches, prefill, settings: list, keep_trace=False, floor: b
                                       keep_logp=True, bytes_slots=slots, warmup=warmup)  # fmt: skip
     base_am, base_logp = [am for am, _ in kept], [lp for _, lp in kept]
     base.agree = base.count
-    rows, trs, sims = [], [], {}
+    rows, trs, sims, models = [], [], {}, {"": model}
     if floor:
         rows.append(numerics_floor(model, batches, prefill, base_am, base_logp))
         trs.append([])
     for st in settings:
         st = st if isinstance(st, Setting) else Setting(describe(st), st)
         p = st.params
+        if st.fmt not in models:
+            models[st.fmt] = quantized_model(model, st.fmt)
+        m = models[st.fmt]
         sim = None
-        if p.policy == "similar":
+        if p is not None and p.policy == "similar":
             if p.similar_threshold not in sims:
-                sims[p.similar_threshold] = model_similarity(model, p.similar_threshold)
+                sims[p.similar_threshold] = model_similarity(m, p.similar_threshold)
             sim = sims[p.similar_threshold]
         live = E // st.fraction if st.fraction else None
         t0 = time.time()
-        r, _, tr = run_setting(model, batches, prefill, p, base_am, keep_trace=keep_trace,
+        r, _, tr = run_setting(m, batches, prefill, p, base_am, keep_trace=keep_trace,
                                base_logp=base_logp, similarity=sim,
                                bytes_slots=() if live else slots, live_slots=live, warmup=warmup)  # fmt: skip
-        r.name, r.line, r.budget = st.name if st.line != describe(p) else st.line, st.line, p.budget
+        r.name = st.name if p is None or st.line != describe(p) else st.line
+        r.line, r.budget, r.fmt = st.line, 1.0 if p is None else p.budget, st.fmt
         if progress:
             print(f"    {r.name}: {time.time() - t0:.1f} s", flush=True)
         rows.append(r)
@@ -409,6 +451,7 @@ def point(r: Result, base: Result, E: int) -> dict:
         out[f"bytes_reduction_e{f}"] = None if red is None else round(red, 4)
     out["verdict"] = gate_verdict(ci)
     out["meets_quality"] = meets_quality(out)
+    out["format"] = r.fmt
     return out
 
 
@@ -454,6 +497,7 @@ def goal_status(points: list[dict]) -> dict:
     """The issue's two goals on one run: the best reduction inside the quality gate, and the
     policy reaching it (or, if none meets the gate, the point closest to it)."""
     out = {}
+    points = [p for p in points if not p.get("format")]  # the goals are selection's
     for key, target in (("expert_reduction", GOAL["expert_reduction"]),
                         ("bytes_reduction_e2", GOAL["bytes_reduction_e2"])):  # fmt: skip
         pts = [p for p in points if p.get(key) is not None]
@@ -519,6 +563,13 @@ def run_one(model, model_name: str, text: str, B: int, args, settings: list[Sett
     print_table(B, base, rows, E)
     floor, rows = rows[0], rows[1:]
     points = [point(r, base, E) for r in rows]
+    bf16 = next((r for r in rows if r.fmt == "bf16" and r.line == "format bf16"), None)
+    for r, pt in zip(rows, points):
+        if r.fmt and bf16 is not None and r is not bf16:  # the format over its bf16 source
+            ci = paired_intervals(r, bf16)
+            pt["vs_bf16"] = {"ppl_rel_increase": round(r.ppl / bf16.ppl - 1, 5),
+                             "accuracy_delta_points": round(100 * (r.accuracy - bf16.accuracy), 3),
+                             "ci95": ci, "verdict": gate_verdict(ci)}  # fmt: skip
     fl = point(floor, base, E)
     return {"model": model_name, "text": text, "batch": B, "num_experts": E,
             "decode_tokens": base.count, "windows": len(batches),
@@ -543,7 +594,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--decode", type=int, default=192)
     ap.add_argument("--warmup", type=int, default=16, help="decode steps before misses count")
     ap.add_argument("--max-batches", type=int, default=4, help="windows per run (0: all held-out text)")
-    ap.add_argument("--lines", nargs="+", default=list(LINES), help="policy[+l0][+miss@N] (see above)")
+    ap.add_argument("--lines", nargs="*", default=list(LINES),
+                    help="policy[+l0][+miss@N] (see above; none: only the formats and the default)")
+    ap.add_argument("--formats", default="",
+                    help=f"expert formats, comma-separated: FMT or FMT+LINE ({', '.join(FORMATS)}; "
+                         "e.g. bf16,fp8,int4,int3,int4+default)")
     ap.add_argument("--budgets", default=DEFAULT_BUDGETS)
     ap.add_argument("--max-experts", type=int, default=0,
                     help="cap every setting's kept set (e.g. K: a hybrid cache's capture bound)")
@@ -575,6 +630,11 @@ def main(argv=None) -> dict:
         settings = [replace(st, params=replace(st.params, max_experts=args.max_experts))
                     for st in settings]  # fmt: skip
     settings.append(Setting("default", DEFAULT))  # the recommended setting, wherever it lies
+    formats = [f for f in args.formats.split(",") if f]
+    try:
+        settings += [st for f in formats for st in parse_format(f, budgets)]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     args.model_dir = {Path(m).name: (m if "/" in m else str(SHIPPED_MODEL.parent / m)) for m in args.models}
     runs = earlier_runs(Path(args.add_runs), args, budgets) if args.add_runs else []
     for name, path in args.model_dir.items():
@@ -585,6 +645,8 @@ def main(argv=None) -> dict:
     first = runs[0]
     d = next(p for p in first["points"] if p["line"] == "default")
     out = {"goal": GOAL, "lines": args.lines, "budgets": budgets, "fractions": list(FRACTIONS),
+           "formats": formats, "format_method": "every expert weight quantised round-to-nearest "
+           "(no calibration) then dequantised; the rest of the model as it is",
            "default_setting": describe(DEFAULT), "warmup_steps": args.warmup,
            "prefill": args.prefill, "decode": args.decode,
            "bytes_source": "the project's ExpertCache (eager executor, LRU, per-layer slots) on "

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(
 SLICE = (
     "--batches 1,16 --k-fractions 0.25 --prefill 16 --decode 12 --warmup 2 --max-batches 1 "
     "--quality-windows 2 "
-    "--evictions lru --prefetches cross-layer --budgets= --no-plot --name test"
+    "--evictions lru --prefetches cross-layer --budgets= --no-plot --name test "
+    "--formats= --device-shapes="
 ).split()
 
 
@@ -218,3 +219,79 @@ def test_gpu_times_are_measured(tmp_path):
     )
     assert res["measured"] is True and torch.cuda.is_available()
     assert all(r["time_source"] == "measured" for r in res["rows"] if r["status"] == "ok")
+
+
+# The memory-budget section: one batch, two formats, one device shape.
+FORMATS_SLICE = (
+    "--batches 16 --k-fractions 0.25 --prefill 16 --decode 12 --warmup 2 --max-batches 1 "
+    "--quality-windows 2 --evictions lru --prefetches= --budgets= --no-plot --name formats "
+    "--formats bf16,int4 --expert-memory 0.25 --device-shapes deepseek-v3-fp8"
+).split()
+
+
+@pytest.fixture(scope="module")
+def formats_result(tmp_path_factory) -> dict:
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return compare_offload.main(
+            FORMATS_SLICE + ["--device", "cpu", "--out-dir", str(tmp_path_factory.mktemp("cf"))]
+        )
+
+
+def test_a_smaller_format_buys_more_slots_and_moves_its_own_bytes(formats_result):
+    from bench.projection import SHAPES
+    from lynx_sglang.offload.quantize import bytes_per_expert
+
+    fm = formats_result["formats"]
+    sh = SHAPES["qwen3-30b-a3b"]
+    E = formats_result["num_experts"]
+    b16, b4 = (bytes_per_expert(f, sh.hidden, sh.inter) for f in ("bf16", "int4"))
+    at = fm["budgets"]["0.25 x bf16 experts"]
+    assert at["K"] == {"bf16": E // 4, "int4": min(E, int(0.25 * E * b16 / b4))}
+    rows = [r for r in fm["rows"] if r["memory"] == "0.25 x bf16 experts" and r["status"] == "ok"]
+    for r in rows:
+        eb = bytes_per_expert(r["format"], sh.hidden, sh.inter)
+        assert r["slots"] == at["K"][r["format"]]
+        assert r["expert_gpu_bytes"] == r["slots"] * eb * sh.layers  # the format's real bytes
+        moved = r["h2d_bytes_per_token"] / eb  # expert copies per token, any format
+        assert moved >= 0 and r["time_source"] == "projected"
+    ours = {r["format"]: r for r in rows if r["system"] == compare_offload.OURS}
+    assert ours["int4"]["hit_rate"] > ours["bf16"]["hit_rate"]  # more slots, more hits
+    assert {r["system"] for r in rows} >= {compare_offload.OURS, compare_offload.PRODUCT,
+                                           "lynx+offload +miss"}  # fmt: skip
+
+
+def test_format_rows_carry_both_qualities_and_the_headline_keeps_the_format(formats_result):
+    fm = formats_result["formats"]
+    for r in fm["rows"]:
+        if r["status"] != "ok":
+            continue
+        sent = r["sent_from_bf16"]
+        if r["system"] == compare_offload.OURS:  # the cache is lossless in its own format
+            assert r["quality_verdict"] == "exact"
+            assert (sent["quality_verdict"] == "exact") == (r["format"] == "bf16")
+        if r["format"] != "bf16":  # a format change is gated on quality like a selection
+            assert sent["ci95"] is not None
+    at = fm["budgets"]["0.25 x bf16 experts"]["by_batch"]["16"]
+    for f, v in at["formats"].items():  # the speedup over offloading alone at the same format
+        rows = [r for r in fm["rows"] if r["format"] == f and r["memory"].startswith("0.25")
+                and r["system"].startswith("offload")]  # fmt: skip
+        assert v["speedup_same_format"] == round(v["product"] / max(r["tokens_per_s"] for r in rows), 3)
+    view = at["bf16_checkpoint"]
+    picked = next(r for r in fm["rows"] if r["system"] == view["system"] and r["format"] == view["format"]
+                  and r["memory"].startswith("0.25"))  # fmt: skip
+    assert picked["sent_from_bf16"]["quality_verdict"] in ("exact", "met")
+
+
+def test_a_budget_too_small_for_top_k_is_refused_not_projected(formats_result):
+    rows = [r for r in formats_result["formats"]["rows"] if r["memory"] == "one H200 at deepseek-v3-fp8"]
+    bf16 = [r for r in rows if r["format"] == "bf16"]
+    assert bf16 and all(r["status"].startswith("does not fit") for r in bf16)  # 0.076 x 64 < top-8
+    assert any(r["format"] == "int4" and r["status"] == "ok" for r in rows)
+
+
+def test_last_line_with_formats_stays_compact(formats_result, capsys):
+    line = json.dumps(compare_offload.compact(formats_result, compare_offload.Path("x.json")))
+    assert len(line) <= 2048 and '"same_format"' in line

@@ -92,3 +92,42 @@ def test_shared_flops_count_every_token():
     one = np.ones((1, 1))
     t = layer_seconds(one, 0 * one, 0 * one, 64, 8, sh, hw) - hw.nonmoe_us_per_layer * 1e-6
     np.testing.assert_allclose(t, 6.0 * 1024 * (512 * 8 + 256) * 64 / (hw.bf16_tflops * 1e12))
+
+
+def test_fp8_shapes_take_their_bytes_from_the_format():
+    from lynx_sglang.offload.quantize import bytes_per_expert
+
+    q = SHAPES["qwen3-235b-a22b-fp8"]  # Qwen3-235B-A22B: H 4096, I 1536, 94 layers, 128 x top-8
+    assert (q.hidden, q.inter, q.layers, q.experts, q.top_k, q.fmt) == (4096, 1536, 94, 128, 8, "fp8")
+    assert q.expert_bytes == 3 * 4096 * 1536 + 4 * (24 * 32 + 32 * 12)  # a byte/weight + block scales
+    assert q.layers * q.experts * q.expert_bytes > 141e9  # its experts do not fit one H200
+    d = SHAPES["deepseek-v3-fp8"]
+    v3 = SHAPES["deepseek-v3"]
+    assert (d.hidden, d.inter, d.layers, d.shared_inter) == (v3.hidden, v3.inter, v3.layers, v3.shared_inter)
+    assert d.expert_bytes == bytes_per_expert("fp8", 7168, 2048) < v3.expert_bytes / 1.99
+    assert d.shared_bytes == bytes_per_expert("fp8", 7168, 2048)
+    assert v3.with_format("int4").expert_bytes == bytes_per_expert("int4", 7168, 2048)
+    assert v3.with_format("int4").shared_bytes == v3.shared_bytes  # shared experts stay as they were
+    # the fraction of the real model's experts one device holds, per format
+    assert abs(q.device_fraction("fp8") - 110e9 / (94 * 128 * q.expert_bytes)) < 1e-12
+    assert q.device_fraction("int4") > q.device_fraction("fp8") > q.device_fraction("bf16")
+
+
+def test_slots_follow_the_memory_budget_and_the_format():
+    from bench.projection import slots_at_memory
+
+    sh = SHAPES["qwen3-30b-a3b"]
+    assert slots_at_memory(0.25, "bf16", sh, 64, 8) == 16
+    assert slots_at_memory(0.25, "fp8", sh, 64, 8) == 31  # the block scales cost the 32nd slot
+    assert slots_at_memory(0.25, "int4", sh, 64, 8) == 60  # 0.25 / 0.265625 of 64
+    assert slots_at_memory(0.5, "int4", sh, 64, 8) == 64  # every expert fits: K = E
+    assert slots_at_memory(0.1, "bf16", sh, 64, 8) == 0  # 6 < top-8: does not run
+
+
+def test_a_smaller_format_projects_cheaper_copies_and_reads():
+    hw = Hardware()
+    distinct, misses, prefetched = counters(5)
+    sh = SHAPES["qwen3-30b-a3b"]
+    t = {f: layer_seconds(distinct, misses, prefetched, 16, 8, sh.with_format(f), hw)
+         for f in ("bf16", "fp8", "int4")}  # fmt: skip
+    assert (t["int4"] < t["fp8"]).all() and (t["fp8"] < t["bf16"]).all()

@@ -179,3 +179,47 @@ def test_the_gate_is_read_on_the_bound(ppl, acc, verdict):
     ci = {"ppl_rel_increase": list(ppl), "accuracy_delta_points": list(acc), "kl": [0, 0]}
     assert quality.gate_verdict(ci) == verdict
     assert quality.meets_quality({"ci95": ci}) == (verdict == "met")
+
+
+def test_format_rows_quantise_every_expert_and_nothing_else(setup):
+    """A format row is the model with each expert weight quantised RTN then dequantised; the
+    router and the rest are the model's own; bf16 < fp8 < int4 < int2 in KL from the model."""
+    from lynx_sglang.offload.quantize import fake_quantize
+
+    model, batches = setup
+    q = quality.quantized_model(model, "int4")
+    g0, w13, w2 = model.expert_weights(1)
+    qg, qw13, qw2 = q.expert_weights(1)
+    assert torch.equal(qg, g0) and torch.equal(qw13, fake_quantize(w13, "int4"))
+    assert torch.equal(qw2, fake_quantize(w2, "int4")) and not torch.equal(qw2, w2)
+    assert torch.equal(model.expert_weights(1)[2], w2)  # the model itself is untouched
+    settings = [st for f in ("bf16", "fp8", "int4", "int2") for st in quality.parse_format(f, [0.8])]
+    base, rows, _, _ = quality.evaluate(model, batches, 16, settings)
+    assert [r.name for r in rows] == ["bf16 experts", "fp8 experts", "int4 experts", "int2 experts"]
+    kl = [r.kl for r in rows]
+    assert kl == sorted(kl) and kl[-1] > 10 * kl[0]
+    assert all(r.fmt and r.budget == 1.0 for r in rows)
+
+
+def test_formats_parse_alone_and_under_a_line():
+    (alone,) = quality.parse_format("int4", [0.8, 0.6])
+    assert (alone.params, alone.fmt, alone.name) == (None, "int4", "int4 experts")
+    (d,) = quality.parse_format("fp8+default", [0.8, 0.6])
+    assert d.params == quality.DEFAULT and d.fmt == "fp8"
+    lines = quality.parse_format("int3+lynx+l0", [0.8, 0.6])
+    assert [st.params.budget for st in lines] == [0.8, 0.6] and lines[0].params.layer_budgets == "0:1.0"
+    with pytest.raises(ValueError, match="one of bf16"):
+        quality.parse_format("nf4", [0.8])
+
+
+def test_main_writes_format_points_beside_the_floor_with_their_bf16_intervals(tmp_path):
+    out = quality.main(["--quick", "--lines", "--formats", "bf16,int4", "--out-dir", str(tmp_path),
+                        "--no-plot", "--name", "f"])  # fmt: skip
+    (run,) = out["runs"]
+    pts = {p["setting"]: p for p in run["points"]}
+    assert set(pts) == {"default b=0.9", "bf16 experts", "int4 experts"}
+    assert pts["int4 experts"]["format"] == "int4" and "vs_bf16" in pts["int4 experts"]
+    assert pts["int4 experts"]["vs_bf16"]["verdict"] in ("met", "unresolved", "failed")
+    assert "vs_bf16" not in pts["bf16 experts"] and pts["default b=0.9"]["format"] == ""
+    assert run["goals"]["expert_reduction"]["best_within_quality"] in (None,) or \
+        run["goals"]["expert_reduction"]["best_within_quality"]["setting"] == "default b=0.9"  # fmt: skip

@@ -58,7 +58,7 @@ from lynx_sglang.model.qwen3_moe import MoEModel, rope_cos_sin
 from lynx_sglang.offload import ExpertCache, HostExpertStore
 from lynx_sglang.offload.path import RequestPathPolicy
 from lynx_sglang.selection.policy import select_experts
-from lynx_sglang.step import Step, bounded_selection, decode_capture_cap, moe_layer_step
+from lynx_sglang.step import Step, decode_capture_cap, moe_layer_step
 
 RESULTS = Path(__file__).parent / "results"
 TASKS = ("code", "prose", "docs")
@@ -328,9 +328,9 @@ class Ours:
             self.path = RequestPathPolicy(L, E, max_requests, decay)
             self.cache.executor.eviction_policy = self.path
         self.selection, self.slots, self.E, self.k = selection, slots, E, k
-        bounded = bounded_selection(selection, slots, E) if selection is not None else None
-        self.cap = decode_capture_cap(bounded, slots, k, E)
-        self.bounded = bounded
+        # the server's capture rule: captured steps select as configured, so graphs capture up
+        # to K // top_k tokens unless --lynx-max-experts <= K bounds the kept set
+        self.cap = decode_capture_cap(selection, slots, k, E)
         self.needed: np.ndarray | None = None  # [E] bool: what the latest prepare served
         prepare = self.cache.prepare
 
@@ -361,7 +361,7 @@ class Ours:
         B = ids.shape[0]
         sel = None
         if decode and self.selection is not None:
-            sel = self.bounded if self.captured(B) else self.selection
+            sel = self.selection
         if decode and self.path is not None:
             self.path.observe_rows(layer, slots, ids.numpy())
         seen = self.cache.resident_mask(layer).clone() if decode and self.reads_cache else None
@@ -567,9 +567,9 @@ class ScheduleHook:
         for d, (rows, captured) in enumerate(self.steps):
             if len(rows) >= sys.selection.min_batch:
                 groups.setdefault((len(rows), captured), []).append(d)
-        for (_, captured), ds in groups.items():  # each step selected on its own rows
+        for _, ds in groups.items():  # each step selected on its own rows
             r = torch.from_numpy(np.stack([self.steps[d][0] for d in ds]))  # [D, B]
-            params = (sys.bounded if captured else sys.selection).at_layer(layer)
+            params = sys.selection.at_layer(layer)
             res = None
             if params.miss_aware and self.seen[ds[0]] is not None:
                 res = torch.from_numpy(np.stack([self.seen[d][layer] for d in ds]))  # [D, E]

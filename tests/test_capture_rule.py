@@ -49,7 +49,13 @@ def test_runtime_caps_sglangs_decode_graph_sizes(mode, slots):
     from lynx_sglang.sglang.runtime import CaptureTooLarge, LynxRuntime, ModelFacts
 
     model = ModelFacts(E, TOP_K, 32, 16, (0,), torch.float32)
-    runtime = LynxRuntime(LynxConfig(mode=mode, slots=slots), model, torch.device("cpu"))
+    default = LynxRuntime(LynxConfig(mode=mode, slots=slots), model, torch.device("cpu"))
+    # the defaults: captured steps select as configured, so graphs stop at K // top_k
+    assert default.capture_cap == {"lynx": None, "offload": slots // TOP_K,
+                                   "lynx+offload": slots // TOP_K}[mode]  # fmt: skip
+    # a kept set bounded at K (--lynx-max-experts K): graphs capture up to K tokens
+    runtime = LynxRuntime(LynxConfig(mode=mode, slots=slots, max_experts=slots), model,
+                          torch.device("cpu"))  # fmt: skip
     expected = {"lynx": None, "offload": slots // TOP_K, "lynx+offload": slots}[mode]
     assert runtime.capture_cap == expected
     config = CudaGraphConfig.from_dict({"decode": {"backend": "full", "bs": SGLANG_DECODE_SIZES}})

@@ -412,7 +412,8 @@ def test_captured_decode_steps_run_device_side_and_eager_steps_in_waves(
     tokens without selection, K tokens with it) is served by the device-side executor in one
     wave, never NaN; prefill and larger batches run host-planned, in waves; all exact."""
     moe_stock, topk = stock
-    runtime = runtime_for(weights, mode=mode, budget=0.5, slots=16, prefetch="off")
+    # the kept set bounded at K (--lynx-max-experts 16): graphs capture up to K tokens
+    runtime = runtime_for(weights, mode=mode, budget=0.5, slots=16, prefetch="off", max_experts=16)
     moe, _ = build(sglang_layers, weights, runtime)
     cap = runtime.capture_cap
     assert cap == (16 if mode == "lynx+offload" else 16 // weights["top_k"])
@@ -426,9 +427,9 @@ def test_captured_decode_steps_run_device_side_and_eager_steps_in_waves(
         if runtime.selection is None:
             torch.testing.assert_close(out, moe_stock(x[:cap], routed), atol=2e-5, rtol=1e-4)
         else:
-            assert runtime.captured_selection.max_experts == 16  # the kept set capped at K
+            assert runtime.selection.max_experts == 16  # the kept set capped at K
             ref = select_experts_ref(logits[:cap], routed.topk_ids, routed.topk_weights,
-                                     runtime.captured_selection, num_valid=cap)  # fmt: skip
+                                     runtime.selection, num_valid=cap)  # fmt: skip
             assert int(distinct_experts(ref.topk_ids, E)) <= 16
             expected = reference(weights, x[:cap], ref.topk_ids, ref.topk_weights)
             torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)

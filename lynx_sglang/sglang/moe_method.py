@@ -144,6 +144,9 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
             self.base_method = self._make_base(layer)
         check_offload_format(self.base_method, layer.layer_id)
         E = self.runtime.model.num_experts
+        # The base method's loaders (its own conversions, e.g. GPTQ/AWQ to its layout, included)
+        # end in FusedMoE's per-expert loader: ours, which writes into the host store.
+        extra = {**extra, "weight_loader": self._host_loader(layer)}
         with torch.device("meta"):  # shapes, dtypes and loader tags only: slots are the storage
             self.base_method.create_weights(
                 layer=layer,
@@ -165,8 +168,14 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
                 )
             param = torch.nn.Parameter(slots[store_name(name)], requires_grad=False)
             param.__dict__.update(meta.__dict__)  # loader tags set by the base method
-            param.weight_loader = self._host_loader(layer, store_name(name))
+            param.lynx_store_name = store_name(name)
             setattr(layer, name, param)
+        for name, t in layer.named_parameters(recurse=False):
+            if t.is_meta and t.numel() == 0:  # placeholders a loader skips (e.g. GPTQ's g_idx)
+                empty = torch.nn.Parameter(torch.empty(0, dtype=t.dtype, device=cache.device),
+                                           requires_grad=False)  # fmt: skip
+                empty.__dict__.update(t.__dict__)
+                setattr(layer, name, empty)
         unpaged = [n for n, t in (*layer.named_parameters(recurse=False),
                                   *layer.named_buffers(recurse=False)) if t.is_meta]  # fmt: skip
         if unpaged:
@@ -181,13 +190,12 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
             "and the host expert store would disagree."
         )
 
-    def _host_loader(self, layer: torch.nn.Module, key: str) -> Callable[..., None]:
-        """A FusedMoE-style weight loader that writes into the host store. With
-        --lynx-expert-format fp8 a bf16/fp16 weight is quantised on the way in (block FP8, each
-        shard on its own, as an FP8 checkpoint ships it) and its scales loaded beside it."""
-        host = self.cache.store.tensor(self.index, key)  # [E, *shape] view of the pinned store
-        quantizes = self.runtime.cfg.expert_format == "fp8" and key in ("w13", "w2")
-        scale_key = f"{_param_name(key)}_scale_inv"
+    def _host_loader(self, layer: torch.nn.Module) -> Callable[..., None]:
+        """FusedMoE's per-expert weight loader, writing into the host store row of the
+        parameter's expert (SGLang's own loader on a one-row view, so the host keeps the GPU
+        layout). With --lynx-expert-format fp8 a bf16/fp16 weight is quantised on the way in
+        (block FP8, each shard on its own, as an FP8 checkpoint ships it) and its scales loaded
+        beside it."""
 
         def weight_loader(
             param: torch.nn.Parameter,
@@ -202,21 +210,25 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
                     "not supported"
                 )
             expert = layer._map_global_expert_id_to_local_expert_id(expert_id)
-            if expert < 0:
+            if expert < 0 or param.numel() == 0:
                 return
-            loads = [(host, param, loaded_weight, weight_name)]
+            key = param.lynx_store_name
+            store = self.cache.store
+            loads = [(key, param, loaded_weight, weight_name)]
             if (
-                quantizes
+                self.runtime.cfg.expert_format == "fp8"
+                and key in ("w13", "w2")
                 and loaded_weight.dtype.is_floating_point
                 and loaded_weight.element_size() > 1
             ):
                 q, scale_inv = quantize_block_fp8(loaded_weight)
-                scale_param = getattr(layer, scale_key)
-                scales = self.cache.store.tensor(self.index, scale_key)
-                loads = [(host, param, q, weight_name),
-                         (scales, scale_param, scale_inv, f"{weight_name}_scale_inv")]  # fmt: skip
-            for store_rows, like, tensor, name in loads:
-                row = torch.nn.Parameter(store_rows[expert : expert + 1], requires_grad=False)
+                scale_key = f"{_param_name(key)}_scale_inv"
+                loads = [(key, param, q, weight_name),
+                         (scale_key, getattr(layer, scale_key), scale_inv,
+                          f"{weight_name}_scale_inv")]  # fmt: skip
+            for rows_of, like, tensor, name in loads:
+                host = store.tensor(self.index, rows_of)  # [E, *row] view of the pinned store
+                row = torch.nn.Parameter(host[expert : expert + 1], requires_grad=False)
                 row.__dict__.update(like.__dict__)
                 layer._weight_loader_impl(
                     param=row,
@@ -335,7 +347,7 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
             topk.router_logits,  # [T, E]
             self._kernel(layer, dispatch_output),
             step=rt.step,
-            selection=rt.selection_for(rt.step),
+            selection=rt.selection,
             cache=self.cache,
             stats=rt.stats,
             similarity=rt.similarity,

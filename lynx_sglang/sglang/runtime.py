@@ -30,7 +30,6 @@ from lynx_sglang.step import (
     NOT_DECODE,
     SelectionStats,
     Step,
-    bounded_selection,
     decode_capture_cap,
 )
 
@@ -95,7 +94,6 @@ class LynxRuntime:
         # selection of captured steps and the capture cap. Known here unless K comes from
         # --lynx-slot-memory-gib and a quantised format whose bytes the first layer states.
         self.slots: Optional[int] = None
-        self.captured_selection = self.selection
         self.capture_cap: Optional[int] = None
         if cfg.offload_on and not cfg.slot_memory_gib:
             self._set_slots(cfg.slots)
@@ -142,15 +140,15 @@ class LynxRuntime:
         return self.cache
 
     def _set_slots(self, slots: int) -> None:
-        """Fix K: captured decode steps of a hybrid cache run the selection with its kept set
-        capped at K, so their distinct experts fit the slots (one wave, device-side); other
-        steps run it as set. The capture cap: the largest decode batch a CUDA graph may capture
-        (None: any), every captured step fitting the slots in one wave."""
-        E, top_k = self.model.num_experts, self.model.top_k
+        """Fix K and the capture cap: the largest decode batch a CUDA graph may capture (None:
+        any), every captured step fitting the slots in one wave (device-side). Captured steps
+        run the selection as configured: graphs capture up to K // top_k tokens (SGLang's paged
+        experts' rule), and larger decode batches run host-planned. A kept set bounded by
+        --lynx-max-experts <= K lets graphs capture up to K / protect_top tokens, at the quality
+        cost the capture-bound measurement shows (README), so it is the user's choice."""
         self.slots = slots
-        if self.selection is not None and self.cfg.executor == "hybrid":
-            self.captured_selection = bounded_selection(self.selection, slots, E)
-        self.capture_cap = decode_capture_cap(self.captured_selection, slots, top_k, E)
+        E, top_k = self.model.num_experts, self.model.top_k
+        self.capture_cap = decode_capture_cap(self.selection, slots, top_k, E)
 
     def _slots_from_memory(self, layout: dict) -> int:
         """K per layer from --lynx-slot-memory-gib and one expert's bytes in ``layout``."""
@@ -200,10 +198,6 @@ class LynxRuntime:
             )
         self.graph_rows.fill_(rows)
         return Step(decode=True, num_valid=self.graph_rows)
-
-    def selection_for(self, step: Step):
-        """The selection a step runs with (None: off): captured steps get the bounded one."""
-        return self.captured_selection if step.captured else self.selection
 
     # ------------------------------------------------------------------ layers
     def index(self, layer_id: int) -> int:

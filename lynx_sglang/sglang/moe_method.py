@@ -87,7 +87,10 @@ def check_offload_format(base: Any, layer_id: int) -> None:
 def _fp8_detail(base: Any) -> str:
     config = getattr(base, "quant_config", None)
     if config is not None and getattr(config, "is_checkpoint_fp8_serialized", True) is False:
-        return " (online FP8 of a bf16 checkpoint)"
+        return (
+            " (online FP8 of a bf16 checkpoint, quantised on the GPU after loading; "
+            "--lynx-expert-format fp8 pages it as block FP8 instead)"
+        )
     return ""
 
 

@@ -73,10 +73,36 @@ def print_report(result: dict) -> None:
         for name, e in result["by_shape"].items():
             sp = "".join(f"{e['speedup'][b]:>8.2f}" for b in bs)
             print(f"  {name:<19}{e['expert_bytes'] / 1e6:>10.2f}{e['layers']:>7}{sp}")
+    print_formats(result.get("formats"))
     g = result["goal"]
     print(f"\ngoal: >= {g['speedup']}x at batch {g['batches']} within the quality goal, "
           f"{g['on']}: {'met' if g['met'] else 'NOT met'}")
     print(f"quality goal {g['quality']}; {result['seconds']} s")  # fmt: skip
+
+
+def print_formats(fm: dict | None) -> None:
+    """The memory-budget section: per budget, batch and format, K and tokens/s of offloading
+    alone (ours, SGLang) and of the product, its speedup at the same format (* = no lynx+offload
+    row met the gate there), then the bf16 checkpoint's fastest row inside the gate."""
+    if not fm or not fm.get("budgets"):
+        return
+    print("\nexpert formats at a fixed GPU budget for experts (K from the format's bytes; "
+          "same-format speedups):")  # fmt: skip
+    for label, e in fm["budgets"].items():
+        print(f"  {label} (projected at {e['shape']}): K " +
+              ", ".join(f"{f} {k}" for f, k in e["K"].items()))  # fmt: skip
+        for B, at in e["by_batch"].items():
+            cells = "  ".join(
+                f"{f} {v['offload_ours']:.0f}/{v['sglang'] or 0:.0f}->{v['product']:.0f} "
+                f"{v['speedup_same_format']:.2f}x{'' if v['meets_quality_goal'] else '*'}"
+                for f, v in at["formats"].items())  # fmt: skip
+            print(f"    B={B:<3} ours/sglang->product tok/s: {cells}")
+            v = at["bf16_checkpoint"]
+            if v:
+                vs = (f", {v['speedup_vs_sglang_best']:.2f}x SGLang at {v['sglang_best_format']}"
+                      if "speedup_vs_sglang_best" in v else "")  # fmt: skip
+                print(f"          bf16 checkpoint: {v['system']} as {v['format']} "
+                      f"({v['sent_from_bf16']['quality_verdict']} vs bf16) {v['tokens_per_s']:.0f} tok/s{vs}")
 
 
 def _hw(result: dict) -> dict:

@@ -563,3 +563,150 @@ def test_fp8_copy_of_the_shipped_model_pages_through_sglangs_fp8_loaders(sglang_
         )
         want = original[ckpt + "down_proj.weight"].float()
         assert (back - want).norm() / want.norm() < 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# Symmetric GPTQ int4 through SGLang's triton w4a16 path (--quantization moe_wna16)
+# ---------------------------------------------------------------------------------------------
+
+GROUP = 64
+
+
+def gptq_checkpoint(seed: int) -> dict:
+    """{(expert, proj): {suffix: tensor}} in GPTQ's layout (qweight int32 [K/8, N], scales fp16
+    [K/g, N], qzeros, g_idx), random 4-bit values and scales."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for e in range(E):
+        for proj, (N, K) in (
+            ("gate_proj", (INTER, H)),
+            ("up_proj", (INTER, H)),
+            ("down_proj", (H, INTER)),
+        ):
+            out[e, proj] = {
+                "qweight": torch.randint(
+                    -(2**31), 2**31 - 1, (K // 8, N), dtype=torch.int32, generator=g
+                ),
+                "scales": (torch.rand(K // GROUP, N, generator=g) * 0.02).half(),
+                "qzeros": torch.full((K // GROUP, N // 8), 0x77777777, dtype=torch.int32),
+                "g_idx": torch.arange(K, dtype=torch.int32) // GROUP,
+            }
+    return out
+
+
+def build_wna16(runtime: LynxRuntime | None, ckpt: dict):
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+    from sglang.srt.layers.quantization.moe_wna16 import MoeWNA16Config
+    from sglang.srt.runtime_context import get_parallel
+
+    get_parallel().tp_group.device = torch.device("cpu")  # the test groups carry no device
+    qc = MoeWNA16Config.from_config({"quant_method": "gptq", "bits": 4, "group_size": GROUP,
+                                     "sym": True, "desc_act": False, "lm_head": False})  # fmt: skip
+    with activated(runtime):
+        moe = FusedMoE(num_experts=E, hidden_size=H, intermediate_size=INTER, top_k=TOP_K,
+                       layer_id=0, params_dtype=torch.float16, quant_config=qc, prefix=PREFIX)  # fmt: skip
+    params = dict(moe.named_parameters())
+    mapping = FusedMoE.make_expert_params_mapping(
+        ckpt_gate_proj_name="gate_proj", ckpt_down_proj_name="down_proj",
+        ckpt_up_proj_name="up_proj", num_experts=E,
+    )  # fmt: skip
+    for param_prefix, weight_prefix, expert, shard in mapping:
+        for suffix, tensor in ckpt[expert, weight_prefix.split(".")[-2]].items():
+            name = param_prefix.removeprefix("experts.") + suffix
+            params[name].weight_loader(params[name], tensor, f"{PREFIX}.{name}", shard_id=shard,
+                                       expert_id=expert)  # fmt: skip
+    moe.quant_method.process_weights_after_loading(moe)
+    return moe
+
+
+def wna16_dequant(tensors: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w13, w2) float32 from moe_wna16's layout: qweight uint8 [N, K/2], the low nibble the
+    even k, symmetric (value - 8) * scale of its group."""
+
+    def one(q, s):
+        nib = torch.stack([q & 0xF, q >> 4], -1).flatten(-2).float() - 8.0  # [.., N, K]
+        return nib * s.float().repeat_interleave(GROUP, -1)
+
+    def get(name):
+        return (
+            tensors[name]
+            if name in tensors
+            else tensors[{"w13_qweight": "w13", "w2_qweight": "w2"}.get(name, name)]
+        )
+
+    return one(get("w13_qweight"), get("w13_scales")), one(get("w2_qweight"), get("w2_scales"))
+
+
+def test_symmetric_gptq_int4_pages_through_moe_wna16(sglang_layers):
+    """A symmetric GPTQ int4 checkpoint under --quantization moe_wna16 (SGLang's triton w4a16
+    path, converted to its layout by its own loader, nothing repacked after): the host store
+    holds the stock layer's rows byte for byte (4 bits a weight plus fp16 group scales), and the
+    cache serves the right rows."""
+    ckpt = gptq_checkpoint(7)
+    stock = build_wna16(None, ckpt)
+    facts = ModelFacts(E, TOP_K, H, INTER, (0,), torch.float16, quantization="moe_wna16")
+    cfg = LynxConfig(mode="offload", slots=4, layer_budgets="", miss_budget=0.0, prefetch="off")
+    runtime = LynxRuntime(cfg, facts, torch.device("cpu"))
+    moe = build_wna16(runtime, ckpt)
+    store = runtime.cache.store
+    assert {s.name for s in store.segments} == {
+        "w13_qweight",
+        "w2_qweight",
+        "w13_scales",
+        "w2_scales",
+    }
+    for seg in store.segments:
+        assert torch.equal(store.tensor(0, seg.name), getattr(stock, seg.name).data)
+    assert store.nbytes_per_expert == 3 * H * INTER // 2 + 2 * 3 * H * INTER // GROUP  # 0.27x bf16
+    assert moe.w13_qweight.shape[0] == 4 and moe.w13_g_idx.numel() == 0
+    resident = dict(stock.named_parameters())
+
+    def kernel(x, ids, weights, experts):
+        w13, w2 = wna16_dequant(experts if experts is not None else resident)
+        return fused_moe_ref(x.float(), w13, w2, ids, weights).to(x.dtype)
+
+    for seed in range(3):
+        x, ids, w, logits = routing(seed)
+        out = moe_layer_step(0, x, ids, w, logits, kernel, step=Step(decode=True, num_valid=TOKENS),
+                             cache=runtime.cache)  # fmt: skip
+        torch.testing.assert_close(
+            out.float(), kernel(x, ids, w, None).float(), atol=1e-2, rtol=1e-2
+        )
+
+
+def test_asymmetric_gptq_is_refused_in_one_line(sglang_layers):
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+    from sglang.srt.layers.quantization.moe_wna16 import MoeWNA16Config
+
+    qc = MoeWNA16Config.from_config({"quant_method": "gptq", "bits": 4, "group_size": GROUP,
+                                     "sym": False, "desc_act": False, "lm_head": False})  # fmt: skip
+    runtime = runtime_for("moe_wna16", slots=4)
+    with activated(runtime), pytest.raises(UnsupportedConfig, match="zero points") as err:
+        FusedMoE(num_experts=E, hidden_size=H, intermediate_size=INTER, top_k=TOP_K, layer_id=0,
+                 params_dtype=torch.float16, quant_config=qc, prefix=PREFIX)  # fmt: skip
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.gpu
+def test_moe_wna16_kernel_on_slots_equals_resident(sglang_layers):
+    """On the GPU: SGLang's triton w4a16 kernel on K slots, bit for bit its output with every
+    expert resident."""
+    from sglang.srt.layers.moe.topk import StandardTopKOutput
+    from sglang.srt.runtime_context import get_parallel
+
+    ckpt = gptq_checkpoint(8)
+    with torch.device("cuda"):
+        stock = build_wna16(None, ckpt)
+        facts = ModelFacts(E, TOP_K, H, INTER, (0,), torch.float16, quantization="moe_wna16")
+        cfg = LynxConfig(mode="offload", slots=4, layer_budgets="", miss_budget=0.0,
+                         prefetch="off", executor="eager")  # fmt: skip
+        runtime = LynxRuntime(cfg, facts, torch.device("cuda"))
+        moe = build_wna16(runtime, ckpt)
+    get_parallel().tp_group.device = torch.device("cuda")
+    for seed in range(3):
+        x, ids, w, logits = (t.cuda() for t in routing(seed))
+        topk = StandardTopKOutput(w, ids.int(), logits)
+        want = stock(x.half(), topk)
+        with activated(runtime), runtime.scope(runtime.decode_step(TOKENS)):
+            got = moe(x.half(), topk)
+        assert torch.equal(got, want)

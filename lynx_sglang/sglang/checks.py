@@ -41,9 +41,10 @@ SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
 # Checkpoint formats whose experts the offload modes page: every per-expert tensor of the layer's
 # own quant method (weights and scales) in the host store and the slots, its kernel on the slots.
 # `lynx` alone serves any quant method whose layer runs on the triton MoE runner.
-OFFLOAD_QUANTIZATIONS = ("fp8", "w8a8_fp8", "w8a8_int8")
+OFFLOAD_QUANTIZATIONS = ("fp8", "w8a8_fp8", "w8a8_int8", "moe_wna16")
 OFFLOAD_FORMATS = (
-    "bf16/fp16, FP8 checkpoints (block or per-channel: fp8, w8a8_fp8) and W8A8 int8 (w8a8_int8)"
+    "bf16/fp16, FP8 checkpoints (block or per-channel: fp8, w8a8_fp8), W8A8 int8 (w8a8_int8) and "
+    "symmetric GPTQ/AWQ int4/int8 through SGLang's triton w4a16 path (--quantization moe_wna16)"
 )
 SUPPORTED_RUNNERS = ("auto", "triton")
 
@@ -103,7 +104,7 @@ def problems(cfg: LynxConfig, facts: ServingFacts) -> list[str]:
         model = SUPPORTED_ARCHITECTURES.get(f.architecture or "", "the model")
         out.append(
             f"--lynx-mode {cfg.mode} does not page {f.quantization} experts ({model}'s "
-            f"checkpoint; GPTQ/AWQ/Marlin repack after loading): it pages {OFFLOAD_FORMATS} "
+            f"checkpoint; Marlin repacks after loading): it pages {OFFLOAD_FORMATS} "
             "(or use --lynx-mode lynx)"
         )
     if cfg.expert_format != "checkpoint" and not cfg.offload_on:

@@ -69,7 +69,11 @@ def check_offload_format(base: Any, layer_id: int) -> None:
 
     from lynx_sglang.sglang.checks import OFFLOAD_FORMATS, UnsupportedConfig
 
+    from sglang.srt.layers.quantization.moe_wna16 import MoeWNA16Method
+
     ok = isinstance(base, (UnquantizedFusedMoEMethod, W8A8FP8MoEMethod, W8A8Int8MoEMethod))
+    if isinstance(base, MoeWNA16Method):  # GPTQ/AWQ converted at load, no repack after it
+        ok = not base.quant_config.has_zp  # its zero points bypass the per-expert loader
     if isinstance(base, Fp8MoEMethod):
         ok = (
             base.quant_config.is_checkpoint_fp8_serialized
@@ -86,6 +90,8 @@ def check_offload_format(base: Any, layer_id: int) -> None:
 
 def _fp8_detail(base: Any) -> str:
     config = getattr(base, "quant_config", None)
+    if getattr(config, "has_zp", False):
+        return " with zero points (asymmetric GPTQ/AWQ), which it writes past the expert loader"
     if config is not None and getattr(config, "is_checkpoint_fp8_serialized", True) is False:
         return (
             " (online FP8 of a bf16 checkpoint, quantised on the GPU after loading; "
@@ -250,7 +256,7 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
             self.base_method.create_moe_runner(layer, moe_runner_config)
             self.runner = getattr(self.base_method, "runner", None)
             return
-        num_slots = layer.w13_weight.shape[0]
+        num_slots = next(iter(self.cache.slot_weights(self.index).values())).shape[0]
         self.base_method.create_moe_runner(
             layer,
             dataclasses.replace(
@@ -275,7 +281,8 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
         triton runner's SwiGLU interleave) is applied to the host store too; any other change
         of the experts, or a parameter replaced or created, is refused in one line. The
         "similar" policy's expert similarity is computed first, from the weights as loaded."""
-        self.runtime.note_expert_weights(self.index, *self._loaded_weights(layer))
+        if self.runtime.similarity is not None:  # the "similar" policy's (bf16 experts)
+            self.runtime.note_expert_weights(self.index, *self._loaded_weights(layer))
         if self.cache is None:
             self.base_method.process_weights_after_loading(layer)
             return

@@ -63,13 +63,12 @@ def check_offload_format(base: Any, layer_id: int) -> None:
     of the supported formats, keep its weights as loaded (no repack), and load through plain
     parameters."""
     from sglang.srt.layers.quantization.fp8 import Fp8MoEMethod
+    from sglang.srt.layers.quantization.moe_wna16 import MoeWNA16Method
     from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
     from sglang.srt.layers.quantization.w8a8_fp8 import W8A8FP8MoEMethod
     from sglang.srt.layers.quantization.w8a8_int8 import W8A8Int8MoEMethod
 
-    from lynx_sglang.sglang.checks import OFFLOAD_FORMATS, UnsupportedConfig
-
-    from sglang.srt.layers.quantization.moe_wna16 import MoeWNA16Method
+    from lynx_sglang.sglang.checks import OFFLOAD_FORMATS
 
     ok = isinstance(base, (UnquantizedFusedMoEMethod, W8A8FP8MoEMethod, W8A8Int8MoEMethod))
     if isinstance(base, MoeWNA16Method):  # GPTQ/AWQ converted at load, no repack after it
@@ -83,12 +82,13 @@ def check_offload_format(base: Any, layer_id: int) -> None:
     if not ok:
         raise UnsupportedConfig(
             f"lynx-sglang offload: layer {layer_id}'s experts use {type(base).__name__}"
-            f"{_fp8_detail(base)}, which the expert cache does not page; it pages "
+            f"{_refusal_detail(base)}, which the expert cache does not page; it pages "
             f"{OFFLOAD_FORMATS}"
         )
 
 
-def _fp8_detail(base: Any) -> str:
+def _refusal_detail(base: Any) -> str:
+    """What about a known method keeps it off the cache (empty when its class is the reason)."""
     config = getattr(base, "quant_config", None)
     if getattr(config, "has_zp", False):
         return " with zero points (asymmetric GPTQ/AWQ), which it writes past the expert loader"

@@ -4,11 +4,14 @@
 does, and its ``apply`` runs ``lynx_sglang.step.moe_layer_step``: selection on the router logits
 SGLang passes in the TopK output, then (with offload) the expert cache, then the base method's
 fused kernel. The modes differ only in the base and in whether the cache is there:
-- ``lynx``: the layer's own method (unquantised triton, or SGLang's ``--enable-paged-experts``
-  method, whose own cache then serves the shrunken set), no cache of ours;
-- ``offload`` / ``lynx+offload``: an unquantised base whose parameters become the cache's K GPU
-  slots; their loaders write every expert into the pinned host store instead (SGLang's own
-  per-expert loader runs on a one-expert view of the store, so the host keeps the GPU layout).
+- ``lynx``: the layer's own method, of any format on the triton runner (or SGLang's
+  ``--enable-paged-experts`` method, whose own cache then serves the shrunken set), no cache of
+  ours;
+- ``offload`` / ``lynx+offload``: the method ``FusedMoE`` would choose (or block FP8 for
+  ``--lynx-expert-format fp8``), chosen once the layer exists; its per-expert parameters
+  (weights and scales) become the cache's K GPU slots, and its loaders end in ours, which write
+  every expert into the pinned host store (SGLang's own per-expert loader on a one-expert view
+  of the store, so the host keeps the GPU layout).
 """
 
 from __future__ import annotations

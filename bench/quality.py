@@ -531,19 +531,25 @@ def plot(runs: list[dict], path: Path) -> Optional[str]:
             for c, (xkey, xlabel) in enumerate(xs):
                 ax = axes[2 * i + j][c]
                 for n, line in enumerate(lines):
-                    pts = sorted((p[xkey], p[ykey]) for p in run["points"]
+                    pts = sorted((p[xkey], p[ykey], *p["ci95"][ykey]) for p in run["points"]
                                  if p["line"] == line and p.get(xkey) is not None)  # fmt: skip
                     if pts:
-                        ax.plot(*zip(*pts), marker="o", ms=3, color=f"C{n}", label=line)
+                        x, y, lo, hi = (np.array(v) for v in zip(*pts))
+                        ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", ms=3, lw=1,
+                                    elinewidth=0.7, capsize=2, color=f"C{n}", label=line)  # fmt: skip
                 ax.axhline(goal, color="r", lw=0.8, ls=":")
-                ax.axhline(run["floor"][ykey], color="grey", lw=0.8, ls="--")
+                floor = run["floor"]
+                ax.axhline(floor[ykey], color="grey", lw=0.8, ls="--")
+                if "ci95" in floor:  # the floor's own 95 % interval, shaded
+                    ax.axhspan(*floor["ci95"][ykey], color="grey", alpha=0.15, lw=0)
                 ax.set_xlabel(xlabel, fontsize=8)
                 ax.set_ylabel(ylabel, fontsize=8)
                 ax.set_title(f"{run['model']}, {run['text']}, batch {run['batch']}", fontsize=8)
                 ax.grid(alpha=0.3)
         axes[2 * i][0].legend(fontsize=6)
-    fig.suptitle("quality frontier: one line per policy (budgets along each line); red dotted: "
-                 "the quality goal, grey dashed: the bf16 numerics floor", fontsize=9)  # fmt: skip
+    fig.suptitle("quality frontier: one line per policy (budgets along each line), bars: 95 % "
+                 "intervals; red dotted: the quality goal, grey dashed and band: the bf16 numerics "
+                 "floor and its interval", fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from sglang_helpers import kernel_calls
 
 from lynx_sglang.config import LynxConfig
 from lynx_sglang.moe import fused_moe_ref
@@ -220,21 +221,17 @@ def deepseek_routing(w: dict, x):
     return logits, ids, chosen / chosen.sum(-1, keepdim=True)
 
 
-@contextlib.contextmanager
-def kernel_calls(moe):
-    """Record the TopK output of every call of the layer's fused kernel (its base method)."""
-    base = moe.quant_method.base_method
-    calls, original = [], base.apply
-
-    def apply(layer, dispatch_output):
-        calls.append(dispatch_output.topk_output)
-        return original(layer, dispatch_output)
-
-    base.apply = apply
-    try:
-        yield calls
-    finally:
-        del base.apply
+def decode_step(runtime, block, x):
+    """One eager decode step of ``block`` on ``x`` with ``runtime`` active: its output and the
+    one TopK output its fused kernel was asked to compute."""
+    with (
+        activated(runtime),
+        runtime.scope(runtime.decode_step(x.shape[0])),
+        kernel_calls(block.experts) as calls,
+    ):
+        out = block(x)
+    (sel,) = calls
+    return out, sel
 
 
 def sort_rows(ids, weights):
@@ -353,13 +350,7 @@ def test_deepseek_selection_follows_its_routing(sglang_layers, fused, kind):
     x = inputs(4)
     logits = x @ w["gate"].t()
     stock = block.topk.forward_native(x, logits)
-    with (
-        activated(runtime),
-        runtime.scope(runtime.decode_step(TOKENS)),
-        kernel_calls(block.experts) as k,
-    ):
-        out = block(x)
-    (sel,) = k
+    out, sel = decode_step(runtime, block, x)
     ids, wts = sel.topk_ids[:, :TOP_K].long(), sel.topk_weights[:, :TOP_K]
     if fused:
         assert torch.equal(sel.topk_ids[:, TOP_K:], stock.topk_ids[:, TOP_K:])
@@ -394,13 +385,7 @@ def test_qwen_selection_follows_its_routing(sglang_layers, norm):
     x = inputs(5)
     logits = x @ w["gate"].t()
     stock = block.topk.forward_native(x, logits)
-    with (
-        activated(runtime),
-        runtime.scope(runtime.decode_step(TOKENS)),
-        kernel_calls(block.experts) as k,
-    ):
-        out = block(x)
-    (sel,) = k
+    out, sel = decode_step(runtime, block, x)
     p = logits.softmax(-1)
 
     def own(new_ids):
@@ -432,13 +417,7 @@ def test_deepseek_cuda_router_and_selection(sglang_layers, fused):
     want_ids, want_w = sort_rows(ids, weights)
     assert torch.equal(got_ids, want_ids)
     torch.testing.assert_close(got_w, want_w, atol=1e-5, rtol=1e-5)
-    with (
-        activated(runtime),
-        runtime.scope(runtime.decode_step(TOKENS)),
-        kernel_calls(block.experts) as k,
-    ):
-        out = block(x)
-    (sel,) = k
+    out, sel = decode_step(runtime, block, x)
     sel_ids, sel_w = sel.topk_ids[:, :TOP_K].long().cpu(), sel.topk_weights[:, :TOP_K].cpu()
     lg = logits.cpu()
     score = lg.sigmoid()

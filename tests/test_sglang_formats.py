@@ -82,6 +82,25 @@ def checkpoint(fmt: str, seed: int = 0) -> dict:
     return out
 
 
+def load_checkpoint(moe, tensors, prefix: str = PREFIX) -> None:
+    """Load a checkpoint the way SGLang's model loaders do: FusedMoE's expert mapping, each
+    parameter's own weight_loader, then the post-load step. ``tensors(expert, proj)`` gives
+    that shard's {suffix: tensor} (suffix: "weight", "weight_scale_inv", "qweight", ...)."""
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+
+    mapping = FusedMoE.make_expert_params_mapping(
+        ckpt_gate_proj_name="gate_proj", ckpt_down_proj_name="down_proj",
+        ckpt_up_proj_name="up_proj", num_experts=moe.num_experts,
+    )  # fmt: skip
+    params = dict(moe.named_parameters())
+    for param_prefix, weight_prefix, expert, shard in mapping:
+        for suffix, tensor in tensors(expert, weight_prefix.split(".")[-2]).items():
+            name = param_prefix.removeprefix("experts.") + suffix
+            params[name].weight_loader(params[name], tensor, f"{prefix}.{name}", shard_id=shard,
+                                       expert_id=expert)  # fmt: skip
+    moe.quant_method.process_weights_after_loading(moe)
+
+
 def build(fmt: str, runtime: LynxRuntime | None, ckpt: dict):
     """A real FusedMoE with the format's quant config, loaded through SGLang's expert mapping
     and each parameter's own weight_loader, then its post-load step."""
@@ -91,19 +110,9 @@ def build(fmt: str, runtime: LynxRuntime | None, ckpt: dict):
         moe = FusedMoE(num_experts=E, hidden_size=H, intermediate_size=INTER, top_k=TOP_K,
                        layer_id=0, params_dtype=torch.bfloat16, quant_config=quant_config(fmt),
                        prefix=PREFIX)  # fmt: skip
-    mapping = FusedMoE.make_expert_params_mapping(
-        ckpt_gate_proj_name="gate_proj", ckpt_down_proj_name="down_proj",
-        ckpt_up_proj_name="up_proj", num_experts=E,
-    )  # fmt: skip
-    params = dict(moe.named_parameters())
-    for param_prefix, weight_prefix, expert, shard in mapping:
-        proj = weight_prefix.split(".")[-2]
-        weight, scale = ckpt[expert, proj]
-        for suffix, tensor in (("weight", weight), (SCALE_NAME[fmt], scale)):
-            name = f"{param_prefix.removeprefix('experts.')}{suffix}"
-            param = params[name]
-            param.weight_loader(param, tensor, f"{PREFIX}.{name}", shard_id=shard, expert_id=expert)
-    moe.quant_method.process_weights_after_loading(moe)
+    load_checkpoint(
+        moe, lambda e, proj: {"weight": ckpt[e, proj][0], SCALE_NAME[fmt]: ckpt[e, proj][1]}
+    )
     return moe
 
 
@@ -538,18 +547,12 @@ def test_fp8_copy_of_the_shipped_model_pages_through_sglangs_fp8_loaders(sglang_
     with activated(runtime):
         moe = FusedMoE(num_experts=E, hidden_size=H, intermediate_size=inter, top_k=k, layer_id=0,
                        params_dtype=torch.bfloat16, quant_config=qc, prefix=prefix)  # fmt: skip
-    params = dict(moe.named_parameters())
-    mapping = FusedMoE.make_expert_params_mapping(
-        ckpt_gate_proj_name="gate_proj", ckpt_down_proj_name="down_proj",
-        ckpt_up_proj_name="up_proj", num_experts=E,
+    load_checkpoint(
+        moe,
+        lambda e, proj: {suffix: files[f"{prefix.removesuffix('experts')}experts.{e}.{proj}.{suffix}"]
+                         for suffix in ("weight", "weight_scale_inv")},
+        prefix,
     )  # fmt: skip
-    for param_prefix, weight_prefix, expert, shard in mapping:
-        for suffix in ("weight", "weight_scale_inv"):
-            name = param_prefix.removeprefix("experts.") + suffix
-            tensor = files[f"model.layers.0.mlp.{weight_prefix}{suffix}"]
-            params[name].weight_loader(params[name], tensor, f"{prefix}.{name}", shard_id=shard,
-                                       expert_id=expert)  # fmt: skip
-    moe.quant_method.process_weights_after_loading(moe)
     store = runtime.cache.store
     for e in (0, E // 2, E - 1):
         ckpt = f"model.layers.0.mlp.experts.{e}."
@@ -605,17 +608,7 @@ def build_wna16(runtime: LynxRuntime | None, ckpt: dict):
     with activated(runtime):
         moe = FusedMoE(num_experts=E, hidden_size=H, intermediate_size=INTER, top_k=TOP_K,
                        layer_id=0, params_dtype=torch.float16, quant_config=qc, prefix=PREFIX)  # fmt: skip
-    params = dict(moe.named_parameters())
-    mapping = FusedMoE.make_expert_params_mapping(
-        ckpt_gate_proj_name="gate_proj", ckpt_down_proj_name="down_proj",
-        ckpt_up_proj_name="up_proj", num_experts=E,
-    )  # fmt: skip
-    for param_prefix, weight_prefix, expert, shard in mapping:
-        for suffix, tensor in ckpt[expert, weight_prefix.split(".")[-2]].items():
-            name = param_prefix.removeprefix("experts.") + suffix
-            params[name].weight_loader(params[name], tensor, f"{PREFIX}.{name}", shard_id=shard,
-                                       expert_id=expert)  # fmt: skip
-    moe.quant_method.process_weights_after_loading(moe)
+    load_checkpoint(moe, lambda e, proj: ckpt[e, proj])
     return moe
 
 

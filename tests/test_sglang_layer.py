@@ -5,12 +5,12 @@ the TopK output the layer's fused kernel (its base method) is asked to compute."
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 
 import pytest
 import torch
+from sglang_helpers import kernel_calls
 
 from lynx_sglang import SHIPPED_MODEL, SHIPPED_MODELS
 from lynx_sglang.config import LynxConfig
@@ -121,23 +121,6 @@ def inputs(w: dict, seed: int, tokens: int = TOKENS) -> tuple[torch.Tensor, torc
 def reference(w: dict, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     w13 = torch.cat([w["w1"], w["w3"]], dim=1)  # [E, 2I, H]
     return fused_moe_ref(x, w13, w["w2"], ids, weights)
-
-
-@contextlib.contextmanager
-def kernel_calls(moe):
-    """Record the TopK output of every call of the layer's fused kernel (its base method)."""
-    base = moe.quant_method.base_method
-    calls, original = [], base.apply
-
-    def apply(layer, dispatch_output):
-        calls.append(dispatch_output.topk_output)
-        return original(layer, dispatch_output)
-
-    base.apply = apply
-    try:
-        yield calls
-    finally:
-        del base.apply
 
 
 @pytest.fixture(scope="module")

@@ -88,8 +88,6 @@ class LynxRuntime:
         self.layer_index = {lid: i for i, lid in enumerate(model.moe_layer_ids)}
         num_layers = len(model.moe_layer_ids)
         self.selection = cfg.selection if cfg.selection_on else None
-        # The experts are paged as bf16/fp16 rows (their layout known from the config alone).
-        self._dense = model.quantization is None and cfg.expert_format == "checkpoint"
         # K, slots per layer (0: every expert resident), and what follows from it: the bounded
         # selection of captured steps and the capture cap. Known here unless K comes from
         # --lynx-slot-memory-gib and a quantised format whose bytes the first layer states.
@@ -97,7 +95,7 @@ class LynxRuntime:
         self.capture_cap: Optional[int] = None
         if cfg.offload_on and not cfg.slot_memory_gib:
             self._set_slots(cfg.slots)
-        elif cfg.offload_on and self._dense:
+        elif cfg.offload_on and self.dense_experts:
             self._set_slots(self._slots_from_memory(model.dense_layout()))
         self.stats = (
             SelectionStats(num_layers, model.num_experts, self.device)
@@ -111,7 +109,7 @@ class LynxRuntime:
         # here for bf16/fp16 experts; for a quantised checkpoint the first MoE layer states it
         # (its quant method's per-expert tensors, scales included), through ``cache_for``.
         self.cache = None
-        if cfg.offload_on and self._dense:
+        if cfg.offload_on and self.dense_experts:
             self.cache = _build_cache(cfg, model, self.device, model.dense_layout(), self.slots)
         # The "similar" policy's expert similarity per MoE layer, filled as each layer loads.
         self.similarity: Optional[list[Optional[ExpertSimilarity]]] = None
@@ -123,6 +121,11 @@ class LynxRuntime:
         if self.similarity is not None:
             threshold = self.selection.similar_threshold
             self.similarity[index] = expert_similarity(w13, w2, threshold, self.device)
+
+    @property
+    def dense_experts(self) -> bool:
+        """The experts are paged as bf16/fp16 rows, their layout known from the config alone."""
+        return self.model.quantization is None and self.cfg.expert_format == "checkpoint"
 
     def cache_for(self, layout: dict, layer_id: int):
         """The expert cache for experts of ``layout`` ({name: (row shape, dtype)}, one expert's

@@ -115,6 +115,30 @@ def test_waves_serve_a_step_that_needs_more_experts_than_slots():
     assert_close(out, fused_moe_ref(x, *weights[0], topk_ids, topk_w))
 
 
+def test_a_multi_wave_step_leaves_the_experts_the_policy_values_most_resident():
+    """Waves run hits first, then misses by ascending value, the last wave full: every miss is
+    loaded once (the step's minimum), and the step ends with the highest-valued misses resident,
+    whatever their ids; the output stays exact."""
+    from lynx_sglang.offload.path import RequestPathPolicy
+
+    store, weights = make_store(num_layers=1, num_experts=16)
+    cache = ExpertCache(store, 4, "cpu", 2)
+    path = RequestPathPolicy(1, 16, max_requests=1, decay=0.5)
+    cache.executor.eviction_policy = path
+    cache.prepare(0, ids([0, 1]))  # resident: 0, 1
+    cache.counters(reset=True)
+    prompt = np.array([[[9, 2], [9, 2], [7, 4]]])  # the running request's routing [L, P, k]
+    path.admit(0, prompt)  # values: 9 = 2 > 7 = 4 > the rest
+    topk_ids = ids([0, 2], [3, 4], [5, 6], [7, 9], [1, 8])  # 10 experts, 4 slots: 3 waves
+    topk_w = torch.full((5, 2), 0.5)
+    x = torch.randn(5, H)
+    out = forward(cache, 0, x, topk_ids, topk_w)
+    assert_close(out, fused_moe_ref(x, *weights[0], topk_ids, topk_w))
+    c = cache.counters()["total"]
+    assert (c["waves"], c["misses"], c["hits"]) == (3, 8, 2)  # each miss loaded once
+    assert resident(cache) == {2, 4, 7, 9}  # the four valued misses, loaded in the last wave
+
+
 def test_padding_ids_stay_padding():
     store, _ = make_store(num_layers=1)
     cache = ExpertCache(store, 4, "cpu", 2)

@@ -162,11 +162,30 @@ class EagerExecutor:
             self._place(layer, pool, needed, busy_copy, slot_of)
             self._upload()
             return Plan(Wave(self._translate(layer, idx, topk_ids, topk_ids.dtype)))
-        ordered = np.concatenate([needed[resident], needed[~resident]])
-        chunks = [ordered[i : i + capacity] for i in range(0, n_needed, capacity)]
+        chunks = self._wave_chunks(layer, needed, resident, capacity)
         self._count_step(layer, n_needed, n_hit, len(chunks))
         waves = [self._make_wave(layer, pool, c, busy_copy, idx, topk_ids) for c in chunks]
         return Plan(waves[0](), waves[1:])
+
+    def _wave_chunks(
+        self, layer: int, needed: np.ndarray, resident: np.ndarray, capacity: int
+    ) -> list[np.ndarray]:
+        """A step's experts cut into waves of at most ``capacity``, in the order they run.
+
+        Resident experts go first: they cost nothing now, and a wave protects only its own
+        experts, so a hit placed after a wave of misses could be evicted before its use. The
+        misses follow in ascending eviction value. Every miss is loaded once whatever the order,
+        but what stays is the last wave plus what its fills did not overwrite (the policy's
+        highest-valued slots), so the experts the policy values most for the next step (the
+        running requests' predicted routing, with ``path``) end resident, the low-valued ones
+        overwritten. A policy without values (LRU) keeps the id order.
+        """
+        misses = needed[~resident]
+        value = self.eviction_policy.value(np.full(len(misses), layer), misses)
+        if value is not None:
+            misses = misses[np.argsort(value, kind="stable")]
+        ordered = np.concatenate([needed[resident], misses])
+        return [ordered[i : i + capacity] for i in range(0, len(ordered), capacity)]
 
     def _count_step(self, layer: int, needed: int, hits: int, waves: int) -> None:
         row = self.counters.host[layer]

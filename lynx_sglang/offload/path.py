@@ -29,7 +29,7 @@ class RequestPathPolicy(EvictionPolicy):
     name = "path"
 
     def __init__(self, num_layers: int, num_experts: int, max_requests: int,
-                 decay: float = 0.8) -> None:  # fmt: skip
+                 decay: float = 0.95) -> None:  # fmt: skip
         super().__init__(num_layers, num_experts, "numpy")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")

@@ -56,7 +56,6 @@ from lynx_sglang import SHIPPED_MODEL
 from lynx_sglang.config import SelectionParams
 from lynx_sglang.model.qwen3_moe import MoEModel, rope_cos_sin
 from lynx_sglang.offload import ExpertCache, HostExpertStore
-from lynx_sglang.offload.path import RequestPathPolicy
 from lynx_sglang.selection.policy import select_experts
 from lynx_sglang.step import Step, decode_capture_cap, moe_layer_step
 
@@ -321,12 +320,11 @@ class Ours:
                  max_requests: int, decay: float = 0.95) -> None:  # fmt: skip
         L, E, k = W.num_layers, W.num_experts, W.top_k
         store = HostExpertStore(L, E, {"w": (4,)}, torch.float32, None, 0)  # counts only
-        self.cache = ExpertCache(store, slots, "cpu", k, "lru" if eviction == "path" else eviction,
-                                 executor="eager")  # fmt: skip
-        self.path = None
-        if eviction == "path":  # the routing-path policy: told who runs (see path.py)
-            self.path = RequestPathPolicy(L, E, max_requests, decay)
-            self.cache.executor.eviction_policy = self.path
+        # path eviction is told each step's request rows, as the server's step tells it
+        # (SGLang's req_pool_idx: 1..cap here, 0 is its padding row)
+        self.cache = ExpertCache(store, slots, "cpu", k, eviction, executor="eager",
+                                 path_decay=decay, max_requests=max_requests)  # fmt: skip
+        self.path = self.cache.executor.eviction_policy if eviction == "path" else None
         self.selection, self.slots, self.E, self.k = selection, slots, E, k
         # the server's capture rule: captured steps select as configured, so graphs capture up
         # to K // top_k tokens unless --lynx-max-experts <= K bounds the kept set
@@ -348,24 +346,15 @@ class Ours:
         """Whether the server replays a decode batch of ``batch`` rows in a CUDA graph."""
         return self.cap is None or batch <= self.cap
 
-    def admit(self, slot: int, prompt_ids: np.ndarray) -> None:
-        if self.path is not None:
-            self.path.admit(slot, prompt_ids)
-
-    def release(self, slot: int) -> None:
-        if self.path is not None:
-            self.path.release(slot)
-
     def layer_step(self, layer: int, ids, weights, logits, decode: bool, slots: np.ndarray):
         """One layer-step; returns (counts [5], needed [E] bool, resident mask seen or None)."""
         B = ids.shape[0]
         sel = None
         if decode and self.selection is not None:
             sel = self.selection
-        if decode and self.path is not None:
-            self.path.observe_rows(layer, slots, ids.numpy())
         seen = self.cache.resident_mask(layer).clone() if decode and self.reads_cache else None
-        step = Step(decode=True, num_valid=B) if decode else Step()
+        requests = torch.from_numpy(slots + 1) if self.path is not None else None
+        step = Step(decode, B if decode else None, requests)
         x = logits[:, :1]  # the CPU kernel ignores x (counters only)
         moe_layer_step(layer, x, ids, weights, logits, _no_kernel, step, sel, self.cache)
         c = self.cache.counters(reset=True)["total"]
@@ -390,12 +379,6 @@ class SGLangPaged:
 
     def captured(self, batch: int) -> bool:
         return batch <= self.cap
-
-    def admit(self, slot, prompt_ids) -> None:
-        pass
-
-    def release(self, slot) -> None:
-        pass
 
     def layer_step(self, layer: int, ids, weights, logits, decode: bool, slots):
         policy = self.policies[layer]
@@ -473,7 +456,6 @@ def replay(W: Workload, arrive: np.ndarray, system, cap: int, policy, budget: in
             rows = [(r.rid, p) for r in reqs for p in range(r.prompt)]
             for r in reqs:
                 slot_of[r.rid] = free.popleft()
-                system.admit(slot_of[r.rid], W.ids[r.rid][:, : r.prompt].numpy())
                 run.admitted[r.rid] = clock
                 run.admission_order.append(r.rid)
             decode, batch = False, len(reqs)
@@ -522,7 +504,6 @@ def replay(W: Workload, arrive: np.ndarray, system, cap: int, policy, budget: in
         for r in finished:
             running.remove(r)
             run.finish[r.rid] = clock
-            system.release(slot_of[r.rid])
             free.append(slot_of.pop(r.rid))
             done += 1
             if progress is not None:

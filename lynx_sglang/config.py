@@ -27,7 +27,7 @@ MODES = ("off", "lynx", "offload", "lynx+offload")
 #            keeping the original weight; experts with no similar peer are never moved
 #   oea      as lynx, with the kept set only the tokens' top-k0 (protect_top) choices
 SELECTION_POLICIES = ("lynx", "drop", "similar", "oea")
-EVICTIONS = ("lru", "lfu", "score")
+EVICTIONS = ("lru", "lfu", "score", "path")
 PREFETCHES = ("off", "temporal", "cross-layer", "both")
 EXECUTORS = ("hybrid", "eager", "graph")
 SLOT_POOLS = ("layer", "shared")
@@ -194,6 +194,8 @@ class CacheParams:
     slot_pool: str = "layer"
     eviction: str = "lru"
     lfu_decay: float = 0.9
+    # path eviction: decay of each running request's histogram of its own choices
+    path_decay: float = 0.95
     # Prefetch copied more bytes than it saved on the shipped model's routing
     # (bench/compare_offload.py), so it is off unless asked for.
     prefetch: str = "off"
@@ -220,6 +222,8 @@ class CacheParams:
         _choice("eviction", self.eviction, EVICTIONS)
         if not 0.0 <= self.lfu_decay <= 1.0:
             raise ConfigError(f"--lynx-lfu-decay must be in [0, 1], got {self.lfu_decay}")
+        if not 0.0 <= self.path_decay < 1.0:
+            raise ConfigError(f"--lynx-path-decay must be in [0, 1), got {self.path_decay}")
         _choice("prefetch", self.prefetch, PREFETCHES)
         _choice("executor", self.executor, EXECUTORS)
         if self.host_headroom_gib < 0.0:
@@ -423,8 +427,10 @@ _HELP = {
     "slot_pool": "slots per layer, or one pool shared by all layers",
     "expert_format": "what the host store and GPU slots hold: the checkpoint's format, or fp8 (a "
     "bf16/fp16 checkpoint's experts quantised once at load to block FP8: half the bytes per copy)",
-    "eviction": "expert cache eviction policy",
+    "eviction": "expert cache eviction policy: lru, lfu, score (the selection's scores) or path "
+    "(the running requests' own routing: what they are least likely to route to next goes first)",
     "lfu_decay": "per-step decay of LFU frequencies",
+    "path_decay": "path eviction: per-token decay of each running request's routing history",
     "prefetch": "prefetch predictor: previous step's set, next layer's router, or both",
     "prefetch_select": "pass the prefetch prediction through the selection policy",
     "executor": "hybrid (captured decode steps device-side, the rest host-planned), eager or graph",

@@ -41,11 +41,14 @@ Kernel = Callable[
 
 
 class Step(NamedTuple):
-    """The forward pass now running: a pure decode batch or not, and its real row count (an int
-    in eager mode, a 0-dim device tensor under CUDA-graph capture, None: every row)."""
+    """The forward pass now running: a pure decode batch or not, its real row count (an int in
+    eager mode, a 0-dim device tensor under CUDA-graph capture, None: every row), and, where
+    path eviction asks for them, the request row of each token (SGLang's req_pool_idx, [T] on
+    the device; 0 on graph padding)."""
 
     decode: bool = False
     num_valid: NumValid = None
+    requests: Optional[torch.Tensor] = None
 
     @property
     def captured(self) -> bool:
@@ -122,7 +125,7 @@ def moe_layer_step(
         votes = predict_votes(
             x, cache.router(layer + 1), ids.shape[1], keep, step, sim, cache.routing(layer + 1)
         )
-    plan = cache.prepare(layer, ids, scores, votes, step.captured)
+    plan = cache.prepare(layer, ids, scores, votes, step.captured, step.requests, step.decode)
     # 5. the fused kernel once per wave (one unless the step needs more experts than slots)
     experts = cache.slot_weights(layer)
     out = None

@@ -116,19 +116,16 @@ def test_waves_serve_a_step_that_needs_more_experts_than_slots():
 
 
 def test_a_multi_wave_step_leaves_the_experts_the_policy_values_most_resident():
-    """Waves run hits first, then misses by ascending value, the last wave full: every miss is
-    loaded once (the step's minimum), and the step ends with the highest-valued misses resident,
-    whatever their ids; the output stays exact."""
-    from lynx_sglang.offload.path import RequestPathPolicy
-
+    """Waves run hits first, then misses by ascending value: every miss is loaded once (the
+    step's minimum), and the step ends with the highest-valued misses resident, whatever their
+    ids; the output stays exact."""
     store, weights = make_store(num_layers=1, num_experts=16)
-    cache = ExpertCache(store, 4, "cpu", 2)
-    path = RequestPathPolicy(1, 16, max_requests=1, decay=0.5)
-    cache.executor.eviction_policy = path
+    cache = ExpertCache(store, 4, "cpu", 2, eviction="path", path_decay=0.5, max_requests=1)
     cache.prepare(0, ids([0, 1]))  # resident: 0, 1
     cache.counters(reset=True)
-    prompt = np.array([[[9, 2], [9, 2], [7, 4]]])  # the running request's routing [L, P, k]
-    path.admit(0, prompt)  # values: 9 = 2 > 7 = 4 > the rest
+    # request row 1's prompt routes to 9, 2 (twice) and 7, 4 (once): values 9 = 2 > 7 = 4 > rest
+    path = cache.executor.eviction_policy
+    path.observe_requests(0, torch.tensor([1, 1, 1]), ids([9, 2], [9, 2], [7, 4]), False)
     topk_ids = ids([0, 2], [3, 4], [5, 6], [7, 9], [1, 8])  # 10 experts, 4 slots: 3 waves
     topk_w = torch.full((5, 2), 0.5)
     x = torch.randn(5, H)
@@ -136,7 +133,7 @@ def test_a_multi_wave_step_leaves_the_experts_the_policy_values_most_resident():
     assert_close(out, fused_moe_ref(x, *weights[0], topk_ids, topk_w))
     c = cache.counters()["total"]
     assert (c["waves"], c["misses"], c["hits"]) == (3, 8, 2)  # each miss loaded once
-    assert resident(cache) == {2, 4, 7, 9}  # the four valued misses, loaded in the last wave
+    assert resident(cache) == {2, 4, 7, 9}  # the four valued misses stay
 
 
 def test_padding_ids_stay_padding():

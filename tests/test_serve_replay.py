@@ -12,7 +12,6 @@ from bench import serve_replay as sr
 from bench.projection import SHAPES, Hardware
 from lynx_sglang import SHIPPED_MODEL
 from lynx_sglang.model.qwen3_moe import MoEModel
-from lynx_sglang.offload.path import RequestPathPolicy
 
 
 @pytest.fixture(scope="module")
@@ -136,18 +135,6 @@ def test_selection_off_quality_is_exact_and_on_is_measured(workload):
     q = sr.quality_row(per, base, [r.task for r in W.requests])
     assert q["all"]["verdict"] in ("met", "failed", "unresolved")
     assert q["all"]["tokens"] == sum(r.output - 1 for r in W.requests)
-
-
-def test_path_policy_keeps_what_running_requests_use():
-    pol = RequestPathPolicy(1, 8, 4, decay=0.5)
-    pol.admit(0, np.array([[[0, 1], [0, 1]]]))  # [L=1, P=2, k=2]: request 0 routes to 0 and 1
-    pol.admit(1, np.array([[[2, 3]]]))
-    assert pol.probabilities(0)[[0, 1, 2, 3]].min() > pol.probabilities(0)[4:].max()
-    pol.release(1)  # its experts stop counting at once
-    assert pol.probabilities(0)[2] == 0 and pol.probabilities(0)[0] > 0
-    pol.observe_rows(0, np.array([0]), np.array([[5, 6]]))
-    v = pol.value(np.zeros(8, dtype=int), np.arange(8))
-    assert v[5] > v[7] and v[0] > v[7]
 
 
 def test_quick_main_writes_a_compact_last_line(tmp_path, capsys):

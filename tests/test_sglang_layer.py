@@ -25,6 +25,7 @@ from lynx_sglang.sglang.runtime import (  # noqa: E402
     ModelFacts,
     activated,
 )
+from lynx_sglang.step import Step  # noqa: E402
 
 LAYER = 0
 TOKENS = 16  # T: a decode batch of 16 requests
@@ -379,7 +380,7 @@ def test_forward_modes_map_to_steps(weights):
         )
         hooks.around_capture_one_shape(lambda g, size: forward(None, None), verify, 16)
     by_mode = dict(zip(ForwardMode, seen))
-    assert by_mode.pop(ForwardMode.DECODE) == (True, 7)
+    assert by_mode.pop(ForwardMode.DECODE) == (True, 7, None)
     assert all(step == NOT_DECODE for step in by_mode.values())
     captured, not_captured = seen[len(ForwardMode) :]
     assert captured.decode and captured.num_valid is runtime.graph_rows
@@ -421,3 +422,77 @@ def test_captured_decode_steps_run_device_side_and_eager_steps_in_waves(
             torch.testing.assert_close(moe(x, prefill), moe_stock(x, prefill), atol=2e-5, rtol=1e-4)
     counters = runtime.cache.counters()["total"]
     assert counters["overflow"] == 0 and counters["waves"] > counters["steps"]
+
+
+def test_path_eviction_reads_each_rows_request_through_sglangs_forward(sglang_layers, weights, stock):
+    """``--lynx-eviction path`` in the server: the forward hook hands each row's request row
+    (SGLang's req_pool_idx, allocated by its real ReqToTokenPool) to the cache, eager and
+    captured. A prefill seeds its requests' histories; a decode step (eager, or a captured
+    graph reading the buffer each decode forward writes) runs on them; a request that left the
+    batch stops counting; graph padding (request row 0) never counts. Outputs stay exact."""
+    from types import SimpleNamespace
+
+    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from lynx_sglang.sglang import hooks
+
+    moe_stock, topk = stock
+    runtime = runtime_for(weights, mode="offload", slots=16, prefetch="off", eviction="path")
+    moe, _ = build(sglang_layers, weights, runtime)
+    pool = ReqToTokenPool(size=6, max_context_len=64, device="cpu", enable_memory_saver=False)
+    rows = pool.alloc_rows(3)  # three requests' rows (never 0: SGLang's padding row)
+    runner = SimpleNamespace(is_draft_worker=False, req_to_token_pool=pool)
+    history = runtime.cache.requests
+    prompt = 5
+    x, logits = inputs(weights, 3, tokens=3 * prompt)
+    routed = topk.forward_native(x, logits)
+
+    def forward(runner, batch, x, routed):
+        out = moe(x, routed)
+        torch.testing.assert_close(out, moe_stock(x, routed), atol=2e-5, rtol=1e-4)
+
+    req = torch.tensor(rows)
+    prefill = SimpleNamespace(forward_mode=ForwardMode.EXTEND, batch_size=3, req_pool_indices=req,
+                              extend_seq_lens=torch.full((3,), prompt),
+                              extend_num_tokens=3 * prompt)  # fmt: skip
+    with activated(runtime):
+        hooks.around_forward_raw(forward, runner, prefill, x, routed)
+    assert history.rows == pool.size + 1
+    assert history.active[req].tolist() == [1.0] * 3 and history.active.sum() == 3
+    for i, r in enumerate(rows):  # seeded with its prompt's choices per token (k in all)
+        h = history.hist[r, 0] * (1 - history.decay)
+        assert h.sum().item() == pytest.approx(weights["top_k"])
+        own = torch.bincount(routed.topk_ids[i * prompt : (i + 1) * prompt].reshape(-1),
+                             minlength=h.shape[0]).float() / prompt  # fmt: skip
+        torch.testing.assert_close(h, own)
+
+    # an eager decode step of two of them (the third finished)
+    x2, logits2 = inputs(weights, 4, tokens=2)
+    routed2 = topk.forward_native(x2, logits2)
+    decode = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=2, req_pool_indices=req[:2])
+    before = history.hist[rows[0], 0].clone()
+    with activated(runtime):
+        hooks.around_forward_raw(forward, runner, decode, x2, routed2)
+    assert history.active[req].tolist() == [1.0, 1.0, 0.0]
+    expected = before * history.decay
+    expected[routed2.topk_ids[0].long()] += 1
+    torch.testing.assert_close(history.hist[rows[0], 0], expected)
+    policy = runtime.cache.executor.eager.eviction_policy
+    assert policy.pred[0][routed.topk_ids[2 * prompt :].reshape(-1).unique()].max() < 1.0
+
+    # a captured decode graph (cap rows), then replayed for one real request: the forward hook
+    # arms the buffers, the captured step reads them
+    cap = runtime.capture_cap
+    with activated(runtime), runtime.scope(runtime.capture_step(cap)) as step:
+        assert step.requests.data_ptr() == runtime.graph_requests.data_ptr()
+    runtime.decode_step(1, req[1:2])
+    assert runtime.graph_requests.tolist()[:cap] == [rows[1]] + [0] * (cap - 1)
+    replay = Step(decode=True, num_valid=runtime.graph_rows, requests=runtime.graph_requests[:cap])
+    x3, logits3 = inputs(weights, 5, tokens=cap)
+    with activated(runtime), runtime.scope(replay):
+        out = moe(x3, topk.forward_native(x3, logits3))
+    real = topk.forward_native(x3[:1], logits3[:1])
+    torch.testing.assert_close(out[:1], moe_stock(x3[:1], real), atol=2e-5, rtol=1e-4)
+    assert history.active.sum() == 1 and history.active[rows[1]] == 1
+    assert history.hist[0].abs().sum() == 0  # the padding row holds nothing

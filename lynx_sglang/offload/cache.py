@@ -26,6 +26,7 @@ from .eager import EagerExecutor
 from .eviction import make_policy
 from .graph import GraphExecutor
 from .hybrid import HybridExecutor
+from .path import RequestHistory, RequestPathPolicy
 from .plan import Plan
 from .slots import SlotStorage
 from .store import HostExpertStore
@@ -47,6 +48,8 @@ class Executor(Protocol):
         scores: torch.Tensor | None,
         votes: torch.Tensor | None,
         captured: bool,
+        requests: torch.Tensor | None = None,
+        decode: bool = False,
     ) -> Plan: ...
 
     def end_step(self, layer: int) -> None: ...
@@ -76,6 +79,8 @@ class ExpertCache:
         prefetch_select: bool = True,
         pool_slots: int | None = None,
         gather_backend: str = "auto",
+        path_decay: float = 0.95,
+        max_requests: int = 0,
     ) -> None:
         L, E = store.num_layers, store.num_experts
         if top_k < 1 or top_k > E:
@@ -109,17 +114,26 @@ class ExpertCache:
         self.num_slots = pool_size  # K: slot ids are in [0, K)
         self.slots = SlotStorage(store, num_pools, pool_size, layer_pool, self.device)
         self._counters = Counters(L)
+        # path eviction: the running requests' routing, one history for both executors
+        self.requests = None
+        if eviction == "path":
+            self.requests = RequestHistory(L, E, self.device, path_decay, max_requests + 1 if max_requests else 0)
+
+        def policy(like):
+            if self.requests is not None:
+                return RequestPathPolicy(self.requests, like)
+            return make_policy(eviction, L, E, like, lfu_decay)
+
         self.executor: Executor
         if executor in ("eager", "hybrid"):  # host planning on numpy; built first (see hybrid)
             transfer = TransferEngine(self.device, num_pools * pool_size)
             self.executor = eager = EagerExecutor(
-                store, self.slots, transfer, make_policy(eviction, L, E, "numpy", lfu_decay),
-                self._counters, top_k, prefetch,
+                store, self.slots, transfer, policy("numpy"), self._counters, top_k, prefetch,
             )  # fmt: skip
         if executor in ("graph", "hybrid"):  # device planning: its tensors are the state
             self.executor = device = GraphExecutor(
-                store, self.slots, make_policy(eviction, L, E, self.device, lfu_decay),
-                self._counters, top_k, prefetch, gather_backend,
+                store, self.slots, policy(self.device), self._counters, top_k, prefetch,
+                gather_backend,
             )  # fmt: skip
         if executor == "hybrid":
             self.executor = HybridExecutor(eager, device)
@@ -139,6 +153,7 @@ class ExpertCache:
             top_k=top_k,
             eviction=c.eviction,
             lfu_decay=c.lfu_decay,
+            path_decay=c.path_decay,
             slot_pool=c.slot_pool,
             executor=c.executor,
             prefetch=c.prefetch,
@@ -157,6 +172,8 @@ class ExpertCache:
         scores: torch.Tensor | None = None,
         votes: torch.Tensor | None = None,
         captured: bool = False,
+        requests: torch.Tensor | None = None,
+        decode: bool = False,
     ) -> Plan:
         """Make the experts of ``topk_ids`` [T, k] (-1: padding) resident; returns the waves.
 
@@ -165,8 +182,24 @@ class ExpertCache:
         layer's predicted experts, ``step.predict_votes``) feed its cross-layer prefetch, which
         ``end_step`` starts. ``captured``: the step is being captured in a CUDA graph: only the
         device-side planning can serve it (graph or hybrid executor; eager raises).
+        ``requests`` [T]: the request row of each row of ``topk_ids`` (SGLang's req_pool_idx;
+        0: padding), on a ``decode`` step or a prefill; path eviction learns from them.
         """
-        return self.executor.prepare(layer, topk_ids, scores, votes, captured)
+        if requests is not None and self.requests is not None:
+            if requests.shape[0] != topk_ids.shape[0]:
+                raise ValueError(
+                    f"expert cache: {requests.shape[0]} request rows for {topk_ids.shape[0]} "
+                    "routed rows"
+                )
+        else:
+            requests = None
+        return self.executor.prepare(layer, topk_ids, scores, votes, captured, requests, decode)
+
+    def reserve_requests(self, rows: int) -> None:
+        """Path eviction: hold ``rows`` request rows (SGLang's request pool size + 1), before
+        any CUDA-graph capture. No-op for other policies."""
+        if self.requests is not None:
+            self.requests.reserve(rows)
 
     def end_step(self, layer: int) -> None:
         """The step's last call, after its waves: the next layer's predicted experts start

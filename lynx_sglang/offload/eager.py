@@ -117,6 +117,8 @@ class EagerExecutor:
         scores: torch.Tensor | None = None,
         votes: torch.Tensor | None = None,
         captured: bool = False,
+        requests: torch.Tensor | None = None,
+        decode: bool = False,
     ) -> Plan:
         """Make this step's experts resident; returns its waves (one unless K is too small)."""
         if captured:
@@ -141,6 +143,8 @@ class EagerExecutor:
         self.eviction_policy.observe(layer, need)
         if scores_h is not None:
             self.eviction_policy.note_scores(layer, scores_h)
+        if requests is not None:
+            self.eviction_policy.observe_requests(layer, requests, topk_ids, decode)
         self._settle_prefetch(layer, pool, need)
         self.last_needed[layer] = needed
 

@@ -28,6 +28,7 @@ class EvictionPolicy:
     """Base: least recently used first. Subclasses rank by a per-expert value, LRU breaks ties."""
 
     name = "lru"
+    reads_requests = False  # told each step's request rows (``observe_requests``)
 
     def __init__(self, num_layers: int, num_experts: int, like: str | torch.device) -> None:
         self.num_layers = num_layers
@@ -39,6 +40,11 @@ class EvictionPolicy:
 
     def note_scores(self, layer: int, scores: Array) -> None:
         """Per-expert importance from the selection policy; scores: [E]. Ignored by default."""
+
+    def observe_requests(self, layer: int, requests: torch.Tensor, ids: torch.Tensor,
+                         decode: bool) -> None:  # fmt: skip
+        """The step's rows by request: row i of ``ids`` [T, k] is request ``requests[i]``'s
+        token (device tensors). Read only by policies with ``reads_requests``."""
 
     def value(self, slot_layer: Array, slot_expert: Array) -> Array | None:
         """Per-slot primary key (None: recency only). slot_layer/slot_expert: [K], >= 0."""

@@ -78,6 +78,8 @@ class GraphExecutor:
         scores: torch.Tensor | None = None,
         votes: torch.Tensor | None = None,
         captured: bool = False,
+        requests: torch.Tensor | None = None,
+        decode: bool = False,
     ) -> Plan:
         """Serve one step on the device; returns a one-wave plan with a weight mask."""
         E, K = self.E, self.K
@@ -95,6 +97,8 @@ class GraphExecutor:
         self.eviction_policy.observe(layer, need)
         if scores is not None:
             self.eviction_policy.note_scores(layer, scores.reshape(E).float())
+        if requests is not None:
+            self.eviction_policy.observe_requests(layer, requests, topk_ids, decode)
         pf_hits, pf_wasted = self._settle_prefetch(layer, pool, need)
         self.last_need[layer] = need
 

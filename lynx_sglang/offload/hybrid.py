@@ -43,17 +43,19 @@ class HybridExecutor:
         scores: torch.Tensor | None,
         votes: torch.Tensor | None,
         captured: bool,
+        requests: torch.Tensor | None = None,
+        decode: bool = False,
     ) -> Plan:
         if captured:
             self._push()
             self.graphs = self.device_moved = True
             self.last = self.device
-            return self.device.prepare(layer, topk_ids, scores, votes, True)
+            return self.device.prepare(layer, topk_ids, scores, votes, True, requests, decode)
         self.device.wait_prefetch(layer)  # its copies of this layer land before the host reads
         self._pull()
         self.host_moved = True
         self.last = self.eager
-        return self.eager.prepare(layer, topk_ids, scores, votes, False)
+        return self.eager.prepare(layer, topk_ids, scores, votes, False, requests, decode)
 
     def end_step(self, layer: int) -> None:
         """After the step's waves: the next layer's prefetch, then (host-planned steps, once

@@ -204,8 +204,19 @@ def around_forward_raw(
     runtime = rt_mod.active()
     if runtime is None or runner.is_draft_worker:
         return original(runner, forward_batch, *args, **kwargs)
-    if forward_batch.forward_mode.is_decode():
-        step = runtime.decode_step(int(forward_batch.batch_size))
+    mode, requests = forward_batch.forward_mode, None
+    if runtime.reads_requests:  # path eviction: each row's request row (no host read)
+        runtime.reserve_requests(runner.req_to_token_pool.size + 1)
+        requests = forward_batch.req_pool_indices  # decode: one token per request
+    if mode.is_decode():
+        step = runtime.decode_step(int(forward_batch.batch_size), requests)
+    elif runtime.reads_requests and _is_prefill(mode):
+        requests = torch.repeat_interleave(
+            forward_batch.req_pool_indices,
+            forward_batch.extend_seq_lens,
+            output_size=int(forward_batch.extend_num_tokens),
+        )
+        step = runtime.prefill_step(requests)
     else:  # prefill, extend, mixed, idle, verify: untouched
         step = rt_mod.NOT_DECODE
     with runtime.scope(step):
@@ -213,6 +224,13 @@ def around_forward_raw(
     if runtime.reporter is not None:
         runtime.reporter.tick()
     return out
+
+
+def _is_prefill(mode: Any) -> bool:
+    """A pure prefill (extend) forward: every row a prompt token (not mixed with decode rows)."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    return mode == ForwardMode.EXTEND
 
 
 def around_capture_one_shape(
@@ -228,6 +246,8 @@ def around_capture_one_shape(
         or not graph_runner.capture_forward_mode.is_decode()
     ):
         return original(graph_runner, size, *args, **kwargs)
+    if runtime.reads_requests:
+        runtime.reserve_requests(model_runner.req_to_token_pool.size + 1)
     with runtime.scope(runtime.capture_step(size * graph_runner.captured_req_width)):
         return original(graph_runner, size, *args, **kwargs)
 

@@ -104,6 +104,10 @@ class LynxRuntime:
         )
         # The real row count of a captured decode graph, written before every replay.
         self.graph_rows = torch.zeros((), dtype=torch.int32, device=self.device)
+        # Path eviction reads each row's request (req_pool_idx): a captured graph reads them
+        # from this buffer, written before every replay (allocated at the first capture).
+        self.reads_requests = cfg.offload_on and cfg.eviction == "path"
+        self.graph_requests: Optional[torch.Tensor] = None
         self.reporter: Any = None  # metrics.Reporter, ticked after every forward
         # With offload: the host store and GPU slots. Their layout is the experts' format: known
         # here for bf16/fp16 experts; for a quantised checkpoint the first MoE layer states it
@@ -184,11 +188,30 @@ class LynxRuntime:
         finally:
             self.step = prev
 
-    def decode_step(self, rows: int) -> Step:
-        """An eager (or replayed) decode forward of ``rows`` real tokens; also arms the graph
-        buffer, so a replayed graph masks its padding rows."""
+    def decode_step(self, rows: int, requests: Optional[torch.Tensor] = None) -> Step:
+        """An eager (or replayed) decode forward of ``rows`` real tokens, row i of request row
+        ``requests[i]`` (path eviction); also arms the graph buffers, so a replayed graph masks
+        its padding rows and reads its rows' requests."""
         self.graph_rows.fill_(rows)
-        return Step(decode=True, num_valid=rows)
+        if not self.reads_requests:
+            requests = None
+        buf = self.graph_requests
+        if requests is not None and buf is not None and rows <= buf.shape[0]:
+            buf.zero_()  # padding: SGLang's scratch request row 0
+            buf[:rows].copy_(requests[:rows])
+        return Step(decode=True, num_valid=rows, requests=requests)
+
+    def prefill_step(self, requests: torch.Tensor) -> Step:
+        """A prefill (extend) forward whose token i belongs to request row ``requests[i]``:
+        path eviction seeds each request's history from its prompt's routing. Selection never
+        runs on it (not a decode step)."""
+        return Step(requests=requests) if self.reads_requests else NOT_DECODE
+
+    def reserve_requests(self, pool_rows: int) -> None:
+        """Path eviction: request rows 0..``pool_rows`` - 1 (SGLang's ReqToTokenPool holds its
+        size + 1, row 0 the padding row), before any CUDA-graph capture."""
+        if self.reads_requests and self.cache is not None:
+            self.cache.reserve_requests(pool_rows)
 
     def capture_step(self, rows: int) -> Step:
         """A decode forward being captured: the real count is read from the device buffer.
@@ -200,7 +223,20 @@ class LynxRuntime:
                 f"slots in every step; set --cuda-graph-max-bs-decode {self.capture_cap} or lower"
             )
         self.graph_rows.fill_(rows)
-        return Step(decode=True, num_valid=self.graph_rows)
+        requests = None
+        if self.reads_requests:
+            if self.graph_requests is None:  # the first capture is SGLang's largest batch
+                size = max(rows, self.capture_cap or 0)
+                self.graph_requests = torch.zeros(size, dtype=torch.int64, device=self.device)
+            if rows > self.graph_requests.shape[0]:
+                raise CaptureTooLarge(
+                    f"lynx-sglang: a decode CUDA graph of {rows} rows was to be captured after "
+                    f"one of {self.graph_requests.shape[0]}; path eviction's request buffer is "
+                    "sized at the first capture: set --cuda-graph-max-bs-decode "
+                    f"{self.graph_requests.shape[0]}"
+                )
+            requests = self.graph_requests[:rows]
+        return Step(decode=True, num_valid=self.graph_rows, requests=requests)
 
     # ------------------------------------------------------------------ layers
     def index(self, layer_id: int) -> int:

@@ -48,6 +48,19 @@ def test_scales_may_have_their_own_dtype():
     assert HostExpertStore.required_bytes(1, 3, shapes, torch.int8, dtypes) == s.buffer.numel()
 
 
+
+def test_a_scalar_per_expert_is_a_tensor_of_one_row_per_expert():
+    """Per-tensor scales (SGLang's online FP8: one float per expert) lay out as [E]."""
+    shapes = {"w13": (12, 8), "w13_weight_scale": ()}
+    s = HostExpertStore(2, 3, shapes, torch.float8_e4m3fn, headroom_gib=0,
+                        tensor_dtypes={"w13_weight_scale": torch.float32})  # fmt: skip
+    scale = s.tensor(1, "w13_weight_scale")
+    assert scale.shape == (3,) and scale.dtype == torch.float32
+    scale.copy_(torch.tensor([0.5, 2.0, 4.0]))
+    assert s.expert(1, 2)["w13_weight_scale"].item() == 4.0
+    assert s.tensor(0, "w13_weight_scale").abs().sum() == 0  # the other layer untouched
+    assert s.nbytes_per_expert == 12 * 8 + 4
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
 def test_cpu_store_is_plain_memory_and_says_so():
     s = HostExpertStore(1, 2, SHAPES, torch.float32, headroom_gib=0)

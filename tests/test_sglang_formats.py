@@ -1,6 +1,7 @@
 """Quantised experts through the offload modes, with SGLang's real quant-method classes creating
 the weights and its real loaders filling them: block FP8 (DeepSeek-V3's and Qwen's FP8
-checkpoints), per-channel W8A8 FP8 and W8A8 int8.
+checkpoints), per-channel W8A8 FP8, W8A8 int8, SGLang's online FP8 of a bf16 checkpoint and
+symmetric GPTQ int4 through moe_wna16.
 
 What runs on CPU (``shared/SGLANG_CPU.md``): creating the weights, loading a checkpoint, the
 post-load step; not the methods' fused kernels. So on CPU:
@@ -288,20 +289,139 @@ def test_lynx_mode_hands_the_selection_to_the_formats_own_kernel(sglang_layers):
     torch.testing.assert_close(out, want)
 
 
-def test_online_fp8_and_other_methods_are_refused_in_one_line(sglang_layers):
-    """Online FP8 quantises on the GPU after loading (the host store would keep bf16); GPTQ's
-    Marlin repacks after loading: both refused when their first layer is built."""
+def test_marlin_is_refused_in_one_line(sglang_layers):
+    """GPTQ's Marlin repacks the experts after loading into a layout the host rows do not
+    replicate: refused when its first layer is built, naming what the cache pages."""
     from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
     from sglang.srt.layers.quantization.gptq import GPTQMarlinConfig
 
     gptq = GPTQMarlinConfig(weight_bits=4, group_size=128, desc_act=False, is_sym=True,
                             lm_head_quantized=False, dynamic={}, full_config={})  # fmt: skip
-    for qc, needle in ((quant_config("fp8-online"), "online FP8"), (gptq, "GPTQMarlinMoEMethod")):
-        runtime = runtime_for("fp8", slots=4)
-        with activated(runtime), pytest.raises(UnsupportedConfig, match=needle) as err:
-            FusedMoE(num_experts=E, hidden_size=H, intermediate_size=INTER, top_k=TOP_K,
-                     layer_id=0, params_dtype=torch.bfloat16, quant_config=qc, prefix=PREFIX)  # fmt: skip
-        assert "\n" not in str(err.value) and "pages bf16/fp16, FP8" in str(err.value)
+    runtime = runtime_for("gptq_marlin", slots=4)
+    with activated(runtime), pytest.raises(UnsupportedConfig, match="GPTQMarlinMoEMethod") as err:
+        FusedMoE(num_experts=E, hidden_size=H, intermediate_size=INTER, top_k=TOP_K,
+                 layer_id=0, params_dtype=torch.bfloat16, quant_config=gptq, prefix=PREFIX)  # fmt: skip
+    assert "\n" not in str(err.value) and "pages bf16/fp16, FP8" in str(err.value)
+    assert "online FP8" in str(err.value)  # the supported list names it
+
+
+# ---------------------------------------------------------------------------------------------
+# SGLang's online FP8 (--quantization fp8 of a bf16 checkpoint)
+# ---------------------------------------------------------------------------------------------
+
+
+def per_tensor_fp8(x: torch.Tensor, scale=None, **_):
+    """SGLang's dynamic per-tensor FP8 quantiser (``scaled_fp8_quant``: absmax / 448, then
+    x / scale in e4m3) in torch: its CUDA kernel has no CPU build."""
+    from sglang.srt.layers.quantization.fp8 import fp8_dtype
+
+    top = torch.finfo(fp8_dtype).max
+    if scale is None:
+        scale = (x.float().abs().max() / top).reshape(1)
+    return (x.float() / scale).clamp(-top, top).to(fp8_dtype), scale
+
+
+def build_online(runtime, w: dict, order=None):
+    """A bf16 FusedMoE under SGLang's online FP8 config, loaded shard by shard from ``w`` (in
+    ``order``, default the checkpoint's), then its post-load step."""
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+
+    with activated(runtime):
+        moe = FusedMoE(num_experts=E, hidden_size=H, intermediate_size=INTER, top_k=TOP_K,
+                       layer_id=0, params_dtype=torch.bfloat16,
+                       quant_config=quant_config("fp8-online"), prefix=PREFIX)  # fmt: skip
+    for e, shard in order or list(w):
+        name = "w2_weight" if shard == "w2" else "w13_weight"
+        param = getattr(moe, name)
+        param.weight_loader(param, w[e, shard], f"{PREFIX}.{name}", shard_id=shard, expert_id=e)
+    moe.quant_method.process_weights_after_loading(moe)
+    return moe
+
+
+def online_fp8(fmt_tensors: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w13, w2) float32 of an online-FP8 layer's or store's tensors: q * its per-expert scale."""
+    out = []
+    for w in ("w13", "w2"):
+        q = fmt_tensors.get(f"{w}_weight", fmt_tensors.get(w))
+        out.append(q.float() * fmt_tensors[f"{w}_weight_scale"].float()[:, None, None])
+    return out[0], out[1]
+
+
+def online_kernel(resident: dict):
+    def kernel(x, ids, weights, experts):
+        w13, w2 = online_fp8(experts if experts is not None else resident)
+        return fused_moe_ref(x.float(), w13, w2, ids, weights).to(x.dtype)
+
+    return kernel
+
+
+@pytest.mark.parametrize("slots", [TOP_K, 4])
+def test_online_fp8_pages_what_sglangs_post_load_makes(sglang_layers, monkeypatch, slots):
+    """--quantization fp8 of a bf16 checkpoint: the host store holds, per expert, the FP8
+    weights and per-tensor scales SGLang's own post-load step makes on the stock layer, byte
+    for byte, whatever order the shards arrive in (gate and up of one expert apart); the
+    slots are the layer's parameters; steps through the cache equal all experts resident."""
+    from sglang.srt.layers.quantization import fp8
+
+    monkeypatch.setattr(fp8, "scaled_fp8_quant", per_tensor_fp8)
+    w = bf16_experts(7)
+    stock = build_online(None, w)
+    stock_params = dict(stock.named_parameters())
+    assert stock.w13_weight.dtype == fp8.fp8_dtype and stock.w13_weight_scale.shape == (E,)
+    runtime = runtime_for("fp8", slots)
+    order = sorted(w, key=lambda k: (k[1] != "w1", -k[0]))  # every gate first, experts reversed
+    moe = build_online(runtime, w, order)
+    store = runtime.cache.store
+    names = {"w13": "w13_weight", "w2": "w2_weight"}
+    assert {names.get(n, n) for n in store.names} == set(stock_params)
+    for seg in store.segments:
+        want = stock_params[names.get(seg.name, seg.name)].data
+        assert torch.equal(as_bytes(store.tensor(0, seg.name)), as_bytes(want)), seg.name
+        param = getattr(moe, names.get(seg.name, seg.name))
+        assert param.shape == (slots, *want.shape[1:]) and param.dtype == want.dtype
+        assert param.data_ptr() == runtime.cache.slot_weights(0)[seg.name].data_ptr()
+    assert store.nbytes_per_expert == 3 * H * INTER + 2 * 4  # half of bf16, two scales
+    resident = {n: p.data for n, p in stock_params.items()}
+    for seed in range(4):
+        x, ids, wts, logits = routing(seed)
+        step = Step(decode=True, num_valid=TOKENS)
+        out = moe_layer_step(0, x, ids, wts, logits, online_kernel({}), step=step,
+                             cache=runtime.cache)  # fmt: skip
+        want = online_kernel(resident)(x, ids, wts, None)
+        torch.testing.assert_close(out.float(), want.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_online_fp8_kernel_on_slots_equals_resident(sglang_layers):
+    """On the GPU, SGLang's own quantiser and FP8 kernel: the slots give bit for bit what the
+    stock online-FP8 layer gives with every expert resident."""
+    from sglang.srt.layers.moe.topk import StandardTopKOutput
+
+    w = {k: t.cuda() for k, t in bf16_experts(9).items()}
+    with torch.device("cuda"):
+        stock = build_online(None, w)
+        cfg = LynxConfig(mode="offload", slots=4, layer_budgets="", miss_budget=0.0,
+                         prefetch="off", executor="eager")  # fmt: skip
+        runtime = LynxRuntime(cfg, ModelFacts(E, TOP_K, H, INTER, (0,), torch.bfloat16, "fp8"),
+                              torch.device("cuda"))  # fmt: skip
+        moe = build_online(runtime, w)
+    for seed in range(3):
+        x, ids, wts, logits = (t.cuda() for t in routing(seed))
+        topk = StandardTopKOutput(wts, ids.int(), logits)
+        with activated(runtime), runtime.scope(runtime.decode_step(TOKENS)):
+            got = moe(x, topk)
+        assert torch.equal(got, stock(x, topk))
+
+
+def test_online_fp8_with_a_shard_missing_fails_at_load(sglang_layers, monkeypatch):
+    """An expert whose up projection never arrived is not served half-quantised."""
+    from sglang.srt.layers.quantization import fp8
+
+    monkeypatch.setattr(fp8, "scaled_fp8_quant", per_tensor_fp8)
+    w = bf16_experts(8)
+    order = [k for k in w if k != (5, "w3")]
+    with pytest.raises(RuntimeError, match="expert 5's w13_weight was loaded only in part"):
+        build_online(runtime_for("fp8", 4), w, order)
 
 
 def test_a_post_load_transform_is_refused(sglang_layers, monkeypatch):

@@ -136,9 +136,9 @@ class HostExpertStore:
         return num_layers * num_experts * block
 
     def _segment_view(self, s: Segment) -> torch.Tensor:
-        # [L, E, *shape], strided over the [L, E, B] buffer
-        raw = self.buffer[:, :, s.offset : s.offset + s.nbytes]
-        return raw.view(s.dtype).unflatten(2, s.shape)
+        # [L, E, *shape], strided over the [L, E, B] buffer (a scalar per expert: [L, E])
+        raw = self.buffer[:, :, s.offset : s.offset + s.nbytes].view(s.dtype)
+        return raw.unflatten(2, s.shape) if s.shape else raw.squeeze(2)
 
     def segment(self, name: str) -> Segment:
         """Layout of the named tensor inside an expert block."""

@@ -43,8 +43,9 @@ SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
 # `lynx` alone serves any quant method whose layer runs on the triton MoE runner.
 OFFLOAD_QUANTIZATIONS = ("fp8", "w8a8_fp8", "w8a8_int8", "moe_wna16")
 OFFLOAD_FORMATS = (
-    "bf16/fp16, FP8 checkpoints (block or per-channel: fp8, w8a8_fp8), W8A8 int8 (w8a8_int8) and "
-    "symmetric GPTQ/AWQ int4/int8 through SGLang's triton w4a16 path (--quantization moe_wna16)"
+    "bf16/fp16, FP8 checkpoints (block or per-channel: fp8, w8a8_fp8), SGLang's online FP8 of a "
+    "bf16/fp16 checkpoint (--quantization fp8), W8A8 int8 (w8a8_int8) and symmetric GPTQ/AWQ "
+    "int4/int8 through SGLang's triton w4a16 path (--quantization moe_wna16)"
 )
 SUPPORTED_RUNNERS = ("auto", "triton")
 

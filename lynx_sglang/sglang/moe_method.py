@@ -78,7 +78,7 @@ def check_offload_format(base: Any, layer_id: int) -> None:
         ok = not base.quant_config.has_zp  # its zero points bypass the per-expert loader
     if isinstance(base, Fp8MoEMethod):
         ok = (
-            base.quant_config.is_checkpoint_fp8_serialized
+            (base.quant_config.is_checkpoint_fp8_serialized or quantises_at_load(base))
             and not getattr(base, "use_mxfp8", False)
             and not getattr(base, "is_fp4_expert", False)
         )
@@ -95,12 +95,32 @@ def _refusal_detail(base: Any) -> str:
     config = getattr(base, "quant_config", None)
     if getattr(config, "has_zp", False):
         return " with zero points (asymmetric GPTQ/AWQ), which it writes past the expert loader"
-    if config is not None and getattr(config, "is_checkpoint_fp8_serialized", True) is False:
-        return (
-            " (online FP8 of a bf16 checkpoint, quantised on the GPU after loading; "
-            "--lynx-expert-format fp8 pages it as block FP8 instead)"
-        )
     return ""
+
+
+def quantises_at_load(base: Any) -> bool:
+    """SGLang's online FP8 (``--quantization fp8`` of a bf16/fp16 checkpoint): the experts load
+    in the checkpoint's dtype and its post-load step quantises each expert's w13 and w2 to FP8
+    with one scale per tensor. With offload the host store holds that post-load layout, each
+    expert quantised by SGLang's own quantiser as soon as its shards are in."""
+    from sglang.srt.layers.quantization.fp8 import Fp8MoEMethod
+
+    return (
+        isinstance(base, Fp8MoEMethod)
+        and not base.quant_config.is_checkpoint_fp8_serialized
+        and not base.block_quant
+    )
+
+
+def _post_load_layout(metas: dict[str, torch.Tensor]) -> dict[str, tuple[tuple, torch.dtype]]:
+    """The store layout of an online-FP8 layer: its weights in FP8, one float32 scale each."""
+    from sglang.srt.layers.quantization.fp8 import fp8_dtype
+
+    layout = {store_name(n): (tuple(m.shape[1:]), m.dtype) for n, m in metas.items()}
+    for key in ("w13", "w2"):
+        layout[key] = (layout[key][0], fp8_dtype)
+        layout[f"{_param_name(key)}_scale"] = ((), torch.float32)
+    return layout
 
 
 class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
@@ -123,6 +143,11 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
         self._make_base = make_base
         self.runner = getattr(base_method, "runner", None)
         self._host_interleaved = False
+        # Online FP8: each expert's shards in the checkpoint's dtype until all are in
+        # ((key, expert) -> (row, shards loaded)), and experts 0..K-1 as loaded, for the post-load.
+        self._checkpoint_rows: dict[str, tuple[tuple, torch.dtype]] = {}  # online FP8 only
+        self._staged: dict[tuple[str, int], tuple[torch.Tensor, set]] = {}
+        self._loaded_rows: dict[tuple[str, int], torch.Tensor] = {}
 
     @property
     def cache(self):
@@ -170,6 +195,9 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
             )
         metas = expert_params(layer, E)  # param name -> its meta tensor [E, *row]
         layout = {store_name(n): (tuple(m.shape[1:]), m.dtype) for n, m in metas.items()}
+        if quantises_at_load(self.base_method):
+            self._checkpoint_rows = {k: layout[k] for k in ("w13", "w2")}
+            layout = _post_load_layout(metas)
         cache = self.runtime.cache_for(layout, layer.layer_id)  # built by the first layer
         slots = cache.slot_weights(self.index)  # {"w13": [K, 2I, H], "w2": [K, H, I], ...}
         for name, meta in metas.items():
@@ -226,6 +254,9 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
                 return
             key = param.lynx_store_name
             store = self.cache.store
+            if key in self._checkpoint_rows:  # online FP8: quantised once the expert is whole
+                self._stage(layer, key, expert, param, loaded_weight, weight_name, shard_id)
+                return
             loads = [(key, param, loaded_weight, weight_name)]
             if (
                 self.runtime.cfg.expert_format == "fp8"
@@ -251,6 +282,90 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
                 )
 
         return weight_loader
+
+    def _stage(
+        self,
+        layer: torch.nn.Module,
+        key: str,
+        expert: int,
+        like: torch.nn.Parameter,
+        loaded_weight: torch.Tensor,
+        weight_name: str,
+        shard_id: str,
+    ) -> None:
+        """Online FP8: one shard of an expert's w13 or w2 into its staging row (SGLang's own
+        loader, so the GPU layout), and once every shard is in, the whole tensor quantised by
+        SGLang's per-tensor quantiser (its post-load step's, on the cache's device) into the
+        host store, its scale beside it. Rows of experts 0..K-1 are kept for the post-load."""
+        from sglang.srt.layers.quantization import fp8 as sglang_fp8
+
+        shape, dtype = self._checkpoint_rows[key]
+        row, shards = self._staged.setdefault(
+            (key, expert), (torch.zeros(1, *shape, dtype=dtype), set())
+        )
+        param = torch.nn.Parameter(row, requires_grad=False)
+        param.__dict__.update(like.__dict__)
+        layer._weight_loader_impl(param=param, loaded_weight=loaded_weight, weight_name=weight_name,
+                                  shard_id=shard_id, expert_id=0)  # fmt: skip
+        shards.add(shard_id)
+        if key == "w2":
+            whole = {"w2"}
+        else:
+            whole = {"w1", "w3"} if layer.moe_runner_config.is_gated else {"w1"}
+        if shards != whole:
+            return
+        del self._staged[key, expert]
+        q, scale = sglang_fp8.scaled_fp8_quant(row[0].to(self.cache.device))
+        store = self.cache.store
+        store.tensor(self.index, key)[expert].copy_(q.cpu())
+        store.tensor(self.index, f"{_param_name(key)}_scale")[expert].copy_(scale.reshape(()))
+        if expert < self.cache.num_slots:
+            self._loaded_rows[key, expert] = row
+
+    def _post_load_online_fp8(self, layer: torch.nn.Module, slots: dict, n: int) -> None:
+        """SGLang's own online-FP8 post-load step, on experts 0..n-1 as loaded (a layer of n
+        experts, as the slots are), must give the host store's rows byte for byte; its tensors
+        then become the slots' contents and the slots stay the layer's parameters."""
+        if self._staged:
+            (key, expert), (_, shards) = next(iter(self._staged.items()))
+            raise RuntimeError(
+                f"lynx-sglang offload: layer {layer.layer_id} expert {expert}'s {_param_name(key)} "
+                f"was loaded only in part ({', '.join(sorted(shards))}) before the post-load step"
+            )
+        device = next(iter(slots.values())).device
+        num_local = layer.num_local_experts
+        for key in ("w13", "w2"):
+            rows = [self._loaded_rows.get((key, e)) for e in range(n)]
+            if any(r is None for r in rows):
+                raise RuntimeError(
+                    f"lynx-sglang offload: layer {layer.layer_id}'s {_param_name(key)} was not "
+                    "loaded for every expert"
+                )
+            loaded = torch.nn.Parameter(torch.cat(rows).to(device), requires_grad=False)
+            loaded.__dict__.update(getattr(layer, _param_name(key)).__dict__)
+            setattr(layer, _param_name(key), loaded)
+        self._loaded_rows.clear()
+        layer.num_local_experts = n  # the step loops over the layer's experts: the slots' n
+        try:
+            self.base_method.process_weights_after_loading(layer)
+        finally:
+            layer.num_local_experts = num_local
+        for key, slot in slots.items():
+            name = _param_name(key)
+            made = getattr(layer, name)
+            host = self.cache.store.tensor(self.index, key)[:n]
+            same = made.shape == host.shape and torch.equal(
+                _bytes(made.data), _bytes(host.to(device))
+            )
+            if not same:
+                raise UnsupportedConfig(
+                    f"lynx-sglang offload: {type(self.base_method).__name__}'s post-load step "
+                    f"makes {name} other than the host store's quantisation of it"
+                )
+            slot[:n].copy_(made.data)
+            param = torch.nn.Parameter(slot, requires_grad=False)
+            param.__dict__.update(made.__dict__)
+            setattr(layer, name, param)
 
     def create_moe_runner(self, layer: torch.nn.Module, moe_runner_config: Any) -> None:
         """The base runner; with offload over K experts, out of place (a step may run in
@@ -292,6 +407,10 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
         store, slots = self.cache.store, self.cache.slot_weights(self.index)
         K = next(iter(slots.values())).shape[0]
         n = min(K, store.num_experts)
+        if self._checkpoint_rows:
+            self._post_load_online_fp8(layer, slots, n)
+            self._check_post_load(layer, slots, n)
+            return
         for key, slot in slots.items():
             slot[:n].copy_(store.tensor(self.index, key)[:n])
         self.base_method.process_weights_after_loading(layer)

@@ -34,7 +34,7 @@ SLOT_POOLS = ("layer", "shared")
 # The format the host store and the slots hold: the checkpoint's own, or a bf16/fp16
 # checkpoint's experts quantised once at load (round to nearest, no calibration data) to block
 # FP8 (e4m3, 128 x 128 float32 scales: the layout of DeepSeek-V3's and Qwen's FP8 releases).
-EXPERT_FORMATS = ("checkpoint", "fp8")
+EXPERT_FORMATS = ("checkpoint", "fp8", "int4")
 
 # Our environment variables: LYNX_SGLANG_<FIELD>. Only these are read, and only they turn the
 # plugin on; a variable that merely starts with LYNX_ belongs to someone else.
@@ -425,8 +425,9 @@ _HELP = {
     "slot_memory_gib": "GPU memory for the expert slots of all MoE layers, in GiB: K per layer "
     "follows from the experts' format (bytes per expert, scales included; instead of --lynx-slots)",
     "slot_pool": "slots per layer, or one pool shared by all layers",
-    "expert_format": "what the host store and GPU slots hold: the checkpoint's format, or fp8 (a "
-    "bf16/fp16 checkpoint's experts quantised once at load to block FP8: half the bytes per copy)",
+    "expert_format": "what the host store and GPU slots hold: the checkpoint's format, fp8 (a "
+    "bf16/fp16 checkpoint's experts quantised once at load to block FP8: half the bytes per copy) "
+    "or int4 (symmetric int4, one scale per 64 weights, SGLang's triton w4a16 kernel: 0.27x)",
     "eviction": "expert cache eviction policy: lru, lfu, score (the selection's scores) or path "
     "(the running requests' own routing: what they are least likely to route to next goes first)",
     "lfu_decay": "per-step decay of LFU frequencies",

@@ -550,12 +550,12 @@ def bf16_experts(seed: int) -> dict:
             for proj, shape in (("w1", (INTER, H)), ("w3", (INTER, H)), ("w2", (H, INTER)))}  # fmt: skip
 
 
-def build_converted(w: dict, device: str):
-    """A bf16 FusedMoE under offload with --lynx-expert-format fp8, loaded from ``w``."""
+def build_converted(w: dict, device: str, fmt: str = "fp8"):
+    """A bf16 FusedMoE under offload with --lynx-expert-format ``fmt``, loaded from ``w``."""
     from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
 
     facts = ModelFacts(E, TOP_K, H, INTER, (0,), torch.bfloat16)
-    cfg = LynxConfig(mode="offload", slots=4, expert_format="fp8", layer_budgets="",
+    cfg = LynxConfig(mode="offload", slots=4, expert_format=fmt, layer_budgets="",
                      miss_budget=0.0, prefetch="off", executor="eager")  # fmt: skip
     runtime = LynxRuntime(cfg, facts, torch.device(device))
     assert runtime.cache is None  # the layout is the format's, stated by the first layer
@@ -823,3 +823,115 @@ def test_moe_wna16_kernel_on_slots_equals_resident(sglang_layers):
         with activated(runtime), runtime.scope(runtime.decode_step(TOKENS)):
             got = moe(x.half(), topk)
         assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# --lynx-expert-format int4: a bf16 checkpoint through SGLang's triton w4a16 method
+# ---------------------------------------------------------------------------------------------
+
+
+def as_gptq(q: torch.Tensor, scale: torch.Tensor) -> dict:
+    """int4 values q [N, K] in [-7, 7] and scales [N, K/g] as a symmetric GPTQ checkpoint ships
+    them: qweight int32 [K/8, N] (value + 8, eight along K a word, the first lowest), scales
+    [K/g, N]."""
+    u = (q.long() + 8).T  # [K, N]
+    word = sum(u[i::8] << (4 * i) for i in range(8))  # [K/8, N], 0 .. 2^32 - 1
+    qweight = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+    K, N = u.shape
+    return {"qweight": qweight, "scales": scale.T.contiguous(),
+            "qzeros": torch.full((K // GROUP, N // 8), 0x77777777, dtype=torch.int32),
+            "g_idx": torch.arange(K, dtype=torch.int32) // GROUP}  # fmt: skip
+
+
+def test_bf16_checkpoint_paged_as_int4(sglang_layers):
+    """--lynx-expert-format int4: each bf16 shard is quantised once on its way into the host
+    store (symmetric int4, one bf16 scale per 64 weights, no clipping), and the rows are byte
+    for byte what SGLang's stock moe_wna16 layer loads from the same values shipped as a
+    symmetric GPTQ checkpoint; 0.27x the bf16 bytes; steps through the cache equal the
+    dequantised experts all resident."""
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+    from sglang.srt.layers.quantization.moe_wna16 import MoeWNA16Config, MoeWNA16Method
+    from sglang.srt.runtime_context import get_parallel
+
+    from lynx_sglang.offload.quantize import bytes_per_expert, quantize_group_int
+    from lynx_sglang.sglang.moe_method import INT4_CONFIG
+
+    get_parallel().tp_group.device = torch.device("cpu")  # the test groups carry no device
+    w = bf16_experts(11)
+    runtime, moe = build_converted(w, "cpu", "int4")
+    assert isinstance(moe.quant_method.base_method, MoeWNA16Method)
+    store = runtime.cache.store
+    assert set(store.names) == {"w13_qweight", "w2_qweight", "w13_scales", "w2_scales"}
+    assert store.nbytes_per_expert == bytes_per_expert("int4", H, INTER)  # 0.266x bf16
+    names = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+    quantised = {k: quantize_group_int(t, 4, GROUP, scale_dtype=torch.bfloat16)
+                 for k, t in w.items()}  # fmt: skip
+    ckpt = {(e, names[shard]): as_gptq(*qs) for (e, shard), qs in quantised.items()}
+    with activated(None):
+        stock = FusedMoE(num_experts=E, hidden_size=H, intermediate_size=INTER, top_k=TOP_K,
+                         layer_id=0, params_dtype=torch.bfloat16,
+                         quant_config=MoeWNA16Config.from_config(INT4_CONFIG), prefix=PREFIX)  # fmt: skip
+    load_checkpoint(stock, lambda e, proj: ckpt[e, proj])
+    for seg in store.segments:
+        assert torch.equal(store.tensor(0, seg.name), getattr(stock, seg.name).data), seg.name
+    w13, w2 = wna16_dequant({s.name: store.tensor(0, s.name) for s in store.segments})
+    for e in range(E):
+        full = torch.cat([w[e, "w1"], w[e, "w3"]]).float()
+        step = store.tensor(0, "w13_scales")[e].float().repeat_interleave(GROUP, -1)
+        assert ((w13[e] - full).abs() <= step / 2 + 1e-6).all()  # within half a step: no clip
+        assert ((w2[e] - w[e, "w2"].float()).abs().max()) > 0  # quantised, not copied
+    resident = {s.name: store.tensor(0, s.name) for s in store.segments}
+
+    def kernel(x, ids, weights, experts):
+        a, b = wna16_dequant(experts if experts is not None else resident)
+        return fused_moe_ref(x.float(), a, b, ids, weights).to(x.dtype)
+
+    for seed in range(3):
+        x, ids, wts, logits = routing(seed)
+        out = moe_layer_step(0, x, ids, wts, logits, kernel, step=Step(decode=True,
+                             num_valid=TOKENS), cache=runtime.cache)  # fmt: skip
+        want = kernel(x, ids, wts, None)
+        torch.testing.assert_close(out.float(), want.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_int4_refuses_a_layer_its_groups_do_not_divide(sglang_layers):
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+
+    facts = ModelFacts(E, TOP_K, H, 96, (0,), torch.bfloat16)
+    cfg = LynxConfig(mode="offload", slots=4, expert_format="int4", prefetch="off")
+    runtime = LynxRuntime(cfg, facts, torch.device("cpu"))
+    with activated(runtime), pytest.raises(UnsupportedConfig, match="groups of 64") as err:
+        FusedMoE(num_experts=E, hidden_size=H, intermediate_size=96, top_k=TOP_K, layer_id=0,
+                 params_dtype=torch.bfloat16, prefix=PREFIX)  # fmt: skip
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.gpu
+def test_converted_int4_runs_sglangs_w4a16_kernel_like_a_gptq_checkpoint(sglang_layers):
+    """On the GPU: the bf16 checkpoint paged as int4 computes bit for bit what SGLang's stock
+    moe_wna16 layer computes on the same values shipped as a symmetric GPTQ checkpoint."""
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+    from sglang.srt.layers.moe.topk import StandardTopKOutput
+    from sglang.srt.layers.quantization.moe_wna16 import MoeWNA16Config
+    from sglang.srt.runtime_context import get_parallel
+
+    from lynx_sglang.offload.quantize import quantize_group_int
+    from lynx_sglang.sglang.moe_method import INT4_CONFIG
+
+    get_parallel().tp_group.device = torch.device("cuda")
+    w = bf16_experts(12)
+    names = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+    ckpt = {(e, names[shard]): as_gptq(*quantize_group_int(t, 4, GROUP, scale_dtype=t.dtype))
+            for (e, shard), t in w.items()}  # fmt: skip
+    with activated(None), torch.device("cuda"):
+        stock = FusedMoE(num_experts=E, hidden_size=H, intermediate_size=INTER, top_k=TOP_K,
+                         layer_id=0, params_dtype=torch.bfloat16,
+                         quant_config=MoeWNA16Config.from_config(INT4_CONFIG), prefix=PREFIX)  # fmt: skip
+    load_checkpoint(stock, lambda e, proj: ckpt[e, proj])
+    runtime, moe = build_converted(w, "cuda", "int4")
+    for seed in range(3):
+        x, ids, wts, logits = (t.cuda() for t in routing(seed))
+        topk = StandardTopKOutput(wts, ids.int(), logits)
+        with activated(runtime), runtime.scope(runtime.decode_step(TOKENS)):
+            got = moe(x, topk)
+        assert torch.equal(got, stock(x, topk))

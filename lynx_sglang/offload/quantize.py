@@ -63,13 +63,15 @@ def dequantize_channel(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_group_int(
-    w: torch.Tensor, bits: int = 4, group: int = 64
+    w: torch.Tensor, bits: int = 4, group: int = 64, scale_dtype: torch.dtype = torch.float16
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., N, K] float -> (q [..., N, K] int8 in [-qmax, qmax], scale [..., N, ceil(K/group)]
-    fp16), qmax = 2^(bits-1) - 1, one absmax scale per ``group`` weights along K (the input dim).
+    in ``scale_dtype``), qmax = 2^(bits-1) - 1, one absmax scale per ``group`` weights along K
+    (the input dim).
 
-    The fp16 scale is rounded up where rounding would have put the group's largest weight past
-    qmax, so every weight is within scale / 2 of its dequantised value (no clipping)."""
+    The scale is rounded up where rounding it to its dtype would have put the group's largest
+    weight past qmax, so every weight is within scale / 2 of its dequantised value (no
+    clipping)."""
     if not 2 <= bits <= 8:
         raise ValueError(f"group int quantisation: bits in 2..8, got {bits}")
     *lead, N, K = w.shape
@@ -79,11 +81,18 @@ def quantize_group_int(
     padded[..., :K] = w.float()
     groups = padded.unflatten(-1, (g, group))  # [..., N, g, group]
     amax = groups.abs().amax(-1)  # [..., N, g]
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax)).to(torch.float16)
-    short = scale.float() * qmax < amax  # fp16 rounding went down: one step up
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax)).to(scale_dtype)
+    short = scale.float() * qmax < amax  # rounding to the dtype went down: one step up
     scale = torch.where(short, torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
     q = (groups / scale.float()[..., None]).round().clamp(-qmax, qmax).to(torch.int8)
     return q.flatten(-2)[..., :K].contiguous(), scale
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[..., N, K] int4 values in [-8, 7] -> [..., N, K/2] uint8 as SGLang's w4a16 kernel reads
+    them (moe_wna16's layout): value + 8, the even k in the low nibble."""
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
 
 
 def dequantize_group_int(q: torch.Tensor, scale: torch.Tensor, group: int = 64) -> torch.Tensor:

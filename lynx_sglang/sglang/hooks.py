@@ -168,6 +168,8 @@ def _format(runtime: rt_mod.LynxRuntime) -> str:
     dtype = str(runtime.model.dtype).removeprefix("torch.")
     if runtime.cfg.expert_format == "fp8":
         return f"block-fp8 (quantised at load from {dtype})"
+    if runtime.cfg.expert_format == "int4":
+        return f"int4 w4a16, group 64 (quantised at load from {dtype})"
     return runtime.model.quantization or dtype
 
 
@@ -262,7 +264,7 @@ def around_fused_moe_init(original: Callable, layer: Any, *args: Any, **kwargs: 
     from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
 
     from lynx_sglang.sglang.checks import UnsupportedConfig
-    from lynx_sglang.sglang.moe_method import LynxMoEMethod
+    from lynx_sglang.sglang.moe_method import INT4_CONFIG, LynxMoEMethod
 
     bound = _fused_moe_signature().bind(layer, *args, **kwargs)
     bound.apply_defaults()
@@ -293,6 +295,10 @@ def around_fused_moe_init(original: Callable, layer: Any, *args: Any, **kwargs: 
 
             block = Fp8Config(is_checkpoint_fp8_serialized=True, weight_block_size=[128, 128])
             return Fp8MoEMethod(block)
+        if runtime.cfg.expert_format == "int4" and quant_config is None:
+            from sglang.srt.layers.quantization.moe_wna16 import MoeWNA16Config, MoeWNA16Method
+
+            return MoeWNA16Method(MoeWNA16Config.from_config(INT4_CONFIG))
         method = quant_config.get_quant_method(moe, prefix) if quant_config is not None else None
         return method if method is not None else UnquantizedFusedMoEMethod()
 

@@ -25,7 +25,7 @@ from sglang.srt.layers.moe.token_dispatcher import StandardCombineInput
 from sglang.srt.layers.moe.topk import StandardTopKOutput
 from sglang.srt.layers.quantization.base_config import FusedMoEMethodBase
 
-from lynx_sglang.offload.quantize import quantize_block_fp8
+from lynx_sglang.offload.quantize import GROUP, pack_int4, quantize_block_fp8, quantize_group_int
 from lynx_sglang.selection.routing import SCORINGS, Routing
 from lynx_sglang.sglang.checks import UnsupportedConfig
 from lynx_sglang.sglang.runtime import LynxRuntime
@@ -35,6 +35,10 @@ from lynx_sglang.step import moe_layer_step
 # benchmarks and kernels read "w13" and "w2"); every other per-expert tensor keeps its name.
 PARAMS = {"w13_weight": "w13", "w2_weight": "w2"}
 _EXPERT_PREFIXES = ("w13_", "w2_")
+# --lynx-expert-format int4: SGLang's moe_wna16 method (its triton w4a16 kernel) over symmetric
+# int4 experts, one scale per GROUP weights, as a symmetric GPTQ checkpoint would configure it.
+INT4_CONFIG = {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "sym": True,
+               "desc_act": False, "lm_head": False}  # fmt: skip
 
 
 def store_name(param: str) -> str:
@@ -180,6 +184,14 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
         if self.base_method is None:  # with offload the base is chosen once the layer exists
             self.base_method = self._make_base(layer)
         check_offload_format(self.base_method, layer.layer_id)
+        if self.runtime.cfg.expert_format == "int4" and (
+            hidden_size % GROUP or intermediate_size_per_partition % GROUP
+        ):
+            raise UnsupportedConfig(
+                f"lynx-sglang: --lynx-expert-format int4 quantises in groups of {GROUP} weights, "
+                f"which do not divide layer {layer.layer_id}'s hidden size {hidden_size} and "
+                f"intermediate size {intermediate_size_per_partition} (use --lynx-expert-format fp8)"
+            )
         E = self.runtime.model.num_experts
         # The base method's loaders (its own conversions, e.g. GPTQ/AWQ to its layout, included)
         # end in FusedMoE's per-expert loader: ours, which writes into the host store.
@@ -223,6 +235,8 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
                 f"lynx-sglang offload: {type(self.base_method).__name__} creates {unpaged[0]}, "
                 "which is not one row per expert, so the expert cache cannot page it"
             )
+        if self.runtime.cfg.expert_format == "int4":
+            self._int4_receivers(layer, params_dtype)
         # SGLang's loaders follow the wrapped method's weight layout.
         layer.weight_load_method = self.base_method
         layer._derived_weight_cache_error = (
@@ -282,6 +296,33 @@ class LynxMoEMethod(FusedMoEMethodBase, torch.nn.Module):
                 )
 
         return weight_loader
+
+    def _int4_receivers(self, layer: torch.nn.Module, dtype: torch.dtype) -> None:
+        """--lynx-expert-format int4: the bf16/fp16 checkpoint names ``w13_weight`` and
+        ``w2_weight``, which the int4 method does not have; empty parameters of those names take
+        each shard, quantise it (symmetric int4, one scale in the checkpoint's dtype per GROUP
+        weights along the input dim) and load the packed values and scales into the host store through SGLang's
+        own loader, as a converted GPTQ checkpoint would arrive."""
+        store_loader = self._host_loader(layer)
+
+        def weight_loader(
+            param: torch.nn.Parameter,
+            loaded_weight: torch.Tensor,
+            weight_name: str,
+            shard_id: str,
+            expert_id: int | None = None,
+        ) -> None:
+            w = "w2" if shard_id == "w2" else "w13"
+            q, scale = quantize_group_int(loaded_weight, 4, GROUP, scale_dtype=dtype)
+            stem = weight_name.removesuffix("weight")
+            for suffix, tensor in (("qweight", pack_int4(q)), ("scales", scale)):
+                target = getattr(layer, f"{w}_{suffix}")
+                store_loader(target, tensor, stem + suffix, shard_id, expert_id)
+
+        for name in ("w13_weight", "w2_weight"):
+            receiver = torch.nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+            receiver.weight_loader = weight_loader
+            setattr(layer, name, receiver)
 
     def _stage(
         self,

@@ -1,6 +1,7 @@
 """The expert cache on quantised rows, core only (no SGLang: this also runs on the bare GPU
-machine of `make gpu-check`): block-FP8 rows (e4m3 weights, float32 scale_inv) and int4 rows in
-SGLang's w4a16 layout (uint8 nibbles, fp16 group scales) through every executor. Every step's
+machine of `make gpu-check`): block-FP8 rows (e4m3 weights, float32 scale_inv), per-tensor FP8
+rows (SGLang's online FP8: one float32 per expert tensor) and int4 rows in SGLang's w4a16 layout
+(uint8 nibbles, fp16 group scales) through every executor. Every step's
 output, computed by a dequantising kernel on the slots, equals the same kernel with every expert
 resident, bit for bit; every filled slot holds its expert's bytes; bytes moved are the format's.
 On CUDA the store is pinned, copies run on the copy stream, and the graph executor gathers over
@@ -41,7 +42,24 @@ def int4_experts(g):
     return {"w13_qweight": q13, "w13_scales": s13, "w2_qweight": q2, "w2_scales": s2}
 
 
+def fp8_tensor_experts(g):
+    """SGLang's online-FP8 layout: e4m3 weights, one float32 scale per expert tensor ([E])."""
+    w13 = torch.randn(L, E, 2 * INTER, H, generator=g) / H**0.5
+    w2 = torch.randn(L, E, H, INTER, generator=g) / INTER**0.5
+    out = {}
+    for name, w in (("w13", w13), ("w2", w2)):
+        scale = w.abs().amax((-2, -1)) / torch.finfo(torch.float8_e4m3fn).max  # [L, E]
+        out[name] = (w / scale[..., None, None]).to(torch.float8_e4m3fn)
+        out[f"{name}_weight_scale"] = scale
+    return out
+
+
+EXPERTS = {"fp8": fp8_experts, "int4": int4_experts, "fp8-tensor": fp8_tensor_experts}
+
+
 def dequant(fmt: str, t: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    if fmt == "fp8-tensor":
+        return tuple(t[w].float() * t[f"{w}_weight_scale"][:, None, None] for w in ("w13", "w2"))
     if fmt == "fp8":
         return (dequantize_block_fp8(t["w13"], t["w13_weight_scale_inv"]),
                 dequantize_block_fp8(t["w2"], t["w2_weight_scale_inv"]))  # fmt: skip
@@ -55,10 +73,10 @@ def dequant(fmt: str, t: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("executor", ["eager", "graph", "hybrid"])
-@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+@pytest.mark.parametrize("fmt", list(EXPERTS))
 def test_quantised_rows_through_every_executor(fmt, executor, device):
     g = torch.Generator().manual_seed(0)
-    experts = (fp8_experts if fmt == "fp8" else int4_experts)(g)
+    experts = EXPERTS[fmt](g)
     store = HostExpertStore(
         L, E, {n: tuple(t.shape[2:]) for n, t in experts.items()}, torch.bfloat16,
         pin=device == "cuda", headroom_gib=0, tensor_dtypes={n: t.dtype for n, t in experts.items()},
@@ -99,7 +117,8 @@ def test_quantised_rows_through_every_executor(fmt, executor, device):
                 for seg in store.segments:
                     got = cache.slot_weights(layer)[seg.name][slot].cpu()
                     want = store.tensor(layer, seg.name)[expert]
-                    assert torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8))
+                    assert torch.equal(got.reshape(-1).view(torch.uint8),
+                                       want.reshape(-1).view(torch.uint8))  # fmt: skip
     counters = cache.counters()["total"]
     assert counters["bytes_h2d"] == counters["misses"] * store.nbytes_per_expert
     assert counters["overflow"] == 0

@@ -305,7 +305,55 @@ def admit(policy, waiting: list[_Waiting], running: int, cap: int, budget: int) 
             break
         out.append(w)
         tokens += w.req.prompt
+    note = getattr(policy, "note_admitted", None)
+    if note is not None:
+        note(out, waiting)
     return out
+
+
+class OverlapAdmission:
+    """ExpertFlow's regrouping across batches, as admission: when more requests wait than can
+    run, the ones whose routing overlaps what the cache holds go first. A request's profile is
+    its own prompt's routing ([L, E], the share of its prompt's choices per expert), which a
+    server knows only after that prompt's prefill: an oracle, so what this saves bounds what any
+    predictor of it could. The overlap is the profile's mass on the resident experts. ``base``
+    (SGLang's policy) orders the queue first; a request passed over ``max_passed`` times by later
+    arrivals goes first, in that order (the bound on how long one can be passed over)."""
+
+    def __init__(self, base, W: Workload, system: Ours, max_passed: int) -> None:
+        self.base, self.system, self.max_passed = base, system, max_passed
+        self.profile = {}
+        for i, r in enumerate(W.requests):
+            ids = W.ids[i][:, : r.prompt].reshape(W.num_layers, -1)  # [L, P * k]
+            counts = torch.stack([torch.bincount(row, minlength=W.num_experts) for row in ids])
+            self.profile[r.rid] = (counts.float() / ids.shape[1]).numpy()  # [L, E]
+        self.passed: dict[int, int] = {}
+
+    def calc_priority(self, waiting_queue: list, running_batch=None) -> None:
+        # the base policy orders the queue as SGLang keeps it (arrival order), not as we left it
+        waiting_queue.sort(key=lambda w: w.time_stats.wait_queue_entry_time)
+        self.base.calc_priority(waiting_queue)
+        cache = self.system.cache
+        layers = range(cache.store.num_layers)
+        resident = np.stack([cache.resident_mask(layer).numpy() for layer in layers])
+        rank = {id(w): i for i, w in enumerate(waiting_queue)}
+
+        def key(w):
+            if self.passed.get(w.rid, 0) >= self.max_passed:
+                return (0, 0.0, rank[id(w)])
+            return (1, -float((self.profile[w.rid] * resident).sum()), rank[id(w)])
+
+        waiting_queue.sort(key=key)
+
+    def note_admitted(self, admitted: list, waiting: list) -> None:
+        """Every request still waiting that arrived before an admitted one was passed over."""
+        if not admitted:
+            return
+        latest = max(w.time_stats.wait_queue_entry_time for w in admitted)
+        chosen = {id(w) for w in admitted}
+        for w in waiting:
+            if id(w) not in chosen and w.time_stats.wait_queue_entry_time < latest:
+                self.passed[w.rid] = self.passed.get(w.rid, 0) + 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -713,6 +761,11 @@ def parse_args(argv):
         help="FCFS without SGLang's policy code and no paged-experts peer (SGLang absent)",
     )
     add("--no-selection", action="store_true", help="skip the lynx+offload rows")
+    add("--admissions", default="fcfs",
+        help="admission orders to run our cache under: fcfs (the --schedule-policy as SGLang "
+        "runs it) and overlap (resident-overlap first, an oracle profile; offload rows only)")
+    add("--max-passed", type=int, default=4,
+        help="overlap admission: a request passed over this many times by later arrivals goes first")
     add("--shape", default="qwen3-30b-a3b", choices=["shipped", *SHAPES])
     add(
         "--host-us",
@@ -763,11 +816,14 @@ def _main(args, t0: float) -> dict:
     fracs = [float(x) for x in args.k_fractions.split(",") if x]
     evictions = [e for e in args.evictions.split(",") if e]
     sel = replace(quality.DEFAULT)  # the server's defaults with the cache (miss-aware)
-    systems = [("offload (ours)", e, None) for e in evictions]
+    admissions = [a for a in args.admissions.split(",") if a]
+    if set(admissions) - {"fcfs", "overlap"}:
+        raise SystemExit(f"serve_replay: --admissions takes fcfs and overlap, got {args.admissions}")
+    systems = [("offload (ours)", e, None, a) for a in admissions for e in evictions]
     if not args.no_sglang:
-        systems.append(("sglang paged experts", "lru (sglang)", None))
+        systems.append(("sglang paged experts", "lru (sglang)", None, "fcfs"))
     if not args.no_selection:
-        systems += [("lynx+offload", e, sel) for e in evictions if e in ("lru", "path")]
+        systems += [("lynx+offload", e, sel, "fcfs") for e in evictions if e in ("lru", "path")]
     n_runs = len(rates) * len(caps) * len(fracs) * len(systems)
     print(f"serve_replay: {model_dir.name} (E={E}, top-{k}, {L} layers), {len(reqs)} requests "
           f"({', '.join(f'{t}: {tasks.count(t)}' for t in TASKS)}), {sum(r.output for r in reqs)} "
@@ -779,16 +835,18 @@ def _main(args, t0: float) -> dict:
         for cap in caps:
             for rate in rates:
                 arrive = arrivals(len(reqs), rate, args.seed)
-                for name, ev, params in systems:
+                for name, ev, params, adm in systems:
                     system = (SGLangPaged(W, K) if name.startswith("sglang")
                               else Ours(W, K, ev, params, cap, args.path_decay))  # fmt: skip
+                    order = (policy if adm == "fcfs"
+                             else OverlapAdmission(policy, W, system, args.max_passed))  # fmt: skip
                     t1 = time.time()
-                    run = replay(W, arrive, system, cap, policy, args.max_prefill_tokens, shape,
+                    run = replay(W, arrive, system, cap, order, args.max_prefill_tokens, shape,
                                  hw, args.host_us, bar)  # fmt: skip
                     run.slots = K
                     row = {"system": name, "eviction": ev, "selection": params is not None,
-                           "slots": K, "k_fraction": frac, "cap": cap, "rate": rate,
-                           **summarise(W, run, shape, L)}  # fmt: skip
+                           "admission": adm, "slots": K, "k_fraction": frac, "cap": cap,
+                           "rate": rate, **summarise(W, run, shape, L)}  # fmt: skip
                     if params is not None:
                         per, _ = decoded_quality(
                             model, W, ScheduleHook(run, system, W.offset), base_logp
@@ -811,7 +869,8 @@ def _main(args, t0: float) -> dict:
         "lengths": {"prompt_median": args.prompt_median, "prompt_max": args.prompt_max,
                     "output_median": args.output_median, "output_max": args.output_max,
                     "distribution": "log-normal, sigma 0.6, clipped"},
-        "admission": {"schedule_policy": args.schedule_policy,
+        "admission": {"schedule_policy": args.schedule_policy, "orders": admissions,
+                      "overlap_max_passed": args.max_passed,
                       "source": "FCFS (no SGLang)" if args.no_sglang else
                       "sglang.srt.managers.schedule_policy.SchedulePolicy (imported)",
                       "max_prefill_tokens": args.max_prefill_tokens},
@@ -835,6 +894,13 @@ def _main(args, t0: float) -> dict:
     return result
 
 
+def label(row: dict) -> str:
+    """A row's system in one word: its eviction, with lynx+ and +overlap where they apply."""
+    base = "sglang" if row["system"].startswith("sglang") else row["eviction"]
+    adm = "+overlap" if row.get("admission") == "overlap" else ""
+    return ("lynx+" if row["selection"] else "") + base + adm
+
+
 def print_report(result: dict) -> None:
     """One line per run: loads against MIN, bytes, projected throughput and latency, quality."""
     print(f"\nserve_replay ({result['model']}, {result['requests']} requests, times projected at "
@@ -851,7 +917,8 @@ def print_report(result: dict) -> None:
             a = r["quality"]["all"]
             lo, hi = a["ci95"]["ppl_rel_increase"]
             q = f"Δppl {100 * a['ppl_rel_increase']:+.2f}% [{100 * lo:+.2f},{100 * hi:+.2f}] {a['verdict']}"
-        print(f"{r['slots']:>4}{r['cap']:>5}{r['rate']:>6g} {r['system']:<22}{r['eviction']:<13}"
+        evict = r["eviction"] + ("+overlap" if r.get("admission") == "overlap" else "")
+        print(f"{r['slots']:>4}{r['cap']:>5}{r['rate']:>6g} {r['system']:<22}{evict:<13}"
               f"{r['mean_decode_batch']:>6.1f}{r['loads_per_decode_layer_step']:>7.2f}"
               f"{r.get('min_loads_per_decode_layer_step', float('nan')):>7.2f}"
               f"{r.get('decode_loads_over_min', float('nan')):>7.3f}"
@@ -869,10 +936,7 @@ def compact(result: dict, path: Path) -> dict:
         if r["rate"] != top:
             continue
         key = f"K={r['slots']},cap={r['cap']}"
-        sysname = ("lynx+" if r["selection"] else "") + (
-            "sglang" if r["system"].startswith("sglang") else r["eviction"]
-        )
-        head.setdefault(key, {})[sysname] = r.get("decode_loads_over_min")
+        head.setdefault(key, {})[label(r)] = r.get("decode_loads_over_min")
     verdicts = sorted({r["quality_verdict"] for r in result["rows"] if r["selection"]})
     return {"bench": "serve_replay", "time_source": "projected", "model": result["model"],
             "shape": result["shape"], "requests": result["requests"], "rate": top,
@@ -891,8 +955,7 @@ def plot(result: dict, path: Path) -> str | None:
         return None
     rows = result["rows"]
     Ks = sorted({r["slots"] for r in rows})
-    names = list(dict.fromkeys(
-        ("lynx+" if r["selection"] else "") + r["eviction"] for r in rows))  # fmt: skip
+    names = list(dict.fromkeys(label(r) for r in rows))
     fig, axes = plt.subplots(2, len(Ks), figsize=(6 * len(Ks), 7), squeeze=False)
     for j, K in enumerate(Ks):
         at = [r for r in rows if r["slots"] == K]
@@ -903,8 +966,7 @@ def plot(result: dict, path: Path) -> str | None:
                                                ("ttft_p99_s", "p99 TTFT (s, projected)"))):  # fmt: skip
                 ys = []
                 for g in groups:
-                    hit = [r for r in at if (r["cap"], r["rate"]) == g and
-                           ("lynx+" if r["selection"] else "") + r["eviction"] == n]  # fmt: skip
+                    hit = [r for r in at if (r["cap"], r["rate"]) == g and label(r) == n]
                     ys.append(hit[0].get(key) or 0 if hit else 0)
                 ax = axes[m][j]
                 ax.bar(np.arange(len(groups)) + i * w, ys, w, label=n, color=f"C{i}")

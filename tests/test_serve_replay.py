@@ -94,6 +94,32 @@ def test_loads_at_k_equal_e_are_an_independent_recount(workload):
             assert counts[n, layer, sr.DISTINCT] == len(want)
 
 
+def test_overlap_admission_prefers_resident_overlap_within_its_bound(workload):
+    """Overlap admission orders the queue by each request's prompt-routing mass on the resident
+    experts, and a request passed over ``max_passed`` times by later arrivals goes first."""
+    _, W = workload
+    system = sr.Ours(W, W.num_experts // 2, "lru", None, 4)
+    order = sr.OverlapAdmission(sr.FCFS(), W, system, max_passed=2)
+    for prof in order.profile.values():
+        assert prof.shape == (W.num_layers, W.num_experts)
+        assert np.allclose(prof.sum(-1), 1.0)  # the share of the prompt's choices per expert
+    best = max(order.profile, key=lambda rid: order.profile[rid][:, :3].sum())
+    for layer in range(W.num_layers):  # experts 0..2 of every layer resident
+        system.cache.prepare(layer, torch.arange(3)[None, :].repeat(1, 1), decode=True)
+    q = [sr._Waiting(r, float(i)) for i, r in enumerate(W.requests)]
+    order.calc_priority(q)
+    assert q[0].rid == best  # the most overlap first, whatever its arrival
+    first = min(q, key=lambda w: w.time_stats.wait_queue_entry_time)
+    assert first.rid != best  # (this workload) so the bound below is what puts it first
+    for _ in range(2):  # passed over twice by a later arrival
+        order.note_admitted([w for w in q if w is not first][:1], q)
+    order.calc_priority(q)
+    assert q[0] is first
+    run, _ = _serve(W, sr.Ours(W, W.num_experts // 2, "lru", None, 3), cap=3, rate=50.0,
+                    policy=sr.OverlapAdmission(sr.FCFS(), W, system, 2))  # fmt: skip
+    assert sorted(run.admission_order) == sorted(r.rid for r in W.requests)
+
+
 @pytest.mark.parametrize("eviction", ["lru", "lfu", "path"])
 def test_min_is_a_lower_bound_of_every_policy(workload, eviction):
     _, W = workload

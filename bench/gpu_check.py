@@ -53,8 +53,8 @@ class Check:
     result: str = ""  # a result file the step writes under {out}, besides its stdout
     fixed_s: float = 0.0  # a fixed time limit instead of a share (the smoke step)
 CO_SLICE = ("--batches", "1,16", "--k-fractions", "0.25", "--prefill", "16", "--decode", "12",
-            "--warmup", "2", "--max-batches", "1", "--quality-windows", "1", "--evictions", "lru",
-            "--budgets=")  # fmt: skip
+            "--warmup", "2", "--max-batches", "1", "--quality-windows", "1",
+            "--quality-sequences", "0", "--evictions", "lru", "--budgets=")  # fmt: skip
 CHECKS = (
     Check("smoke", (PY, "-m", "bench.gpu_smoke", "--out", "{out}/smoke.json"),
           (PY, "-m", "bench.gpu_smoke", "--out", "{out}/smoke.json"), 0.0, fixed_s=SMOKE_S),

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(
 # Two batch sizes, one K, one eviction, a dozen decode steps: the whole pipeline in seconds.
 SLICE = (
     "--batches 1,16 --k-fractions 0.25 --prefill 16 --decode 12 --warmup 2 --max-batches 1 "
-    "--quality-windows 2 "
+    "--quality-windows 2 --quality-sequences 0 "
     "--evictions lru --prefetches cross-layer --budgets= --no-plot --name test "
     "--formats= --device-shapes="
 ).split()
@@ -224,7 +224,8 @@ def test_gpu_times_are_measured(tmp_path):
 # The memory-budget section: one batch, two formats, one device shape.
 FORMATS_SLICE = (
     "--batches 16 --k-fractions 0.25 --prefill 16 --decode 12 --warmup 2 --max-batches 1 "
-    "--quality-windows 2 --evictions lru --prefetches= --budgets= --no-plot --name formats "
+    "--quality-windows 2 --quality-sequences 0 --evictions lru --prefetches= --budgets= "
+    "--no-plot --name formats "
     "--formats bf16,int4 --expert-memory 0.25 --device-shapes deepseek-v3-fp8"
 ).split()
 

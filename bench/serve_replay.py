@@ -56,6 +56,7 @@ from lynx_sglang import SHIPPED_MODEL
 from lynx_sglang.config import SelectionParams
 from lynx_sglang.model.qwen3_moe import MoEModel, rope_cos_sin
 from lynx_sglang.offload import ExpertCache, HostExpertStore
+from lynx_sglang.offload.admission import OverlapAdmission, PromptProfiler
 from lynx_sglang.selection.policy import select_experts
 from lynx_sglang.step import Step, decode_capture_cap, moe_layer_step
 
@@ -305,55 +306,51 @@ def admit(policy, waiting: list[_Waiting], running: int, cap: int, budget: int) 
             break
         out.append(w)
         tokens += w.req.prompt
-    note = getattr(policy, "note_admitted", None)
-    if note is not None:
-        note(out, waiting)
     return out
 
 
-class OverlapAdmission:
-    """ExpertFlow's regrouping across batches, as admission: when more requests wait than can
-    run, the ones whose routing overlaps what the cache holds go first. A request's profile is
-    its own prompt's routing ([L, E], the share of its prompt's choices per expert), which a
-    server knows only after that prompt's prefill: an oracle, so what this saves bounds what any
-    predictor of it could. The overlap is the profile's mass on the resident experts. ``base``
-    (SGLang's policy) orders the queue first; a request passed over ``max_passed`` times by later
-    arrivals goes first, in that order (the bound on how long one can be passed over)."""
+def _shares(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[L, N] expert choices -> [L, E] the share of each layer's choices per expert."""
+    counts = torch.stack([torch.bincount(row, minlength=num_experts) for row in ids])
+    return counts.float() / ids.shape[1]
 
-    def __init__(self, base, W: Workload, system: Ours, max_passed: int) -> None:
-        self.base, self.system, self.max_passed = base, system, max_passed
-        self.profile = {}
-        for i, r in enumerate(W.requests):
-            ids = W.ids[i][:, : r.prompt].reshape(W.num_layers, -1)  # [L, P * k]
-            counts = torch.stack([torch.bincount(row, minlength=W.num_experts) for row in ids])
-            self.profile[r.rid] = (counts.float() / ids.shape[1]).numpy()  # [L, E]
-        self.passed: dict[int, int] = {}
+
+def oracle_profiles(W: Workload) -> dict[int, torch.Tensor]:
+    """Each request's own prompt routing ([L, E] shares): what a server knows only after the
+    prompt's prefill, so admission on it bounds what any predictor of it could save."""
+    return {r.rid: _shares(W.ids[i][:, : r.prompt].reshape(W.num_layers, -1), W.num_experts)
+            for i, r in enumerate(W.requests)}  # fmt: skip
+
+
+def embedding_profiles(model: MoEModel, W: Workload) -> dict[int, torch.Tensor]:
+    """What the server's ``--lynx-admission overlap`` has before the prefill: the library's
+    ``PromptProfiler`` on this model's embeddings, pre-MoE norms and routers."""
+    profiler = PromptProfiler(
+        model.embed_tokens.weight,
+        [(la.post_attention_layernorm.weight, la.post_attention_layernorm.eps) for la in model.layers],
+        [la.mlp.gate.weight for la in model.layers],
+        W.top_k,
+    )
+    return {r.rid: profiler(r.tokens[: r.prompt]) for r in W.requests}
+
+
+class OverlapOrder:
+    """``--lynx-admission overlap`` in the replay: SGLang's policy orders the queue (from arrival
+    order, as SGLang keeps it), then the library's ``OverlapAdmission`` reorders it by each
+    request's profile mass on what ``system``'s cache holds, within its pass-over bound."""
+
+    def __init__(self, base, profiles: dict[int, torch.Tensor], system: Ours, max_passed: int):
+        self.base, self.profiles, self.system = base, profiles, system
+        self.admission = OverlapAdmission(max_passed)
 
     def calc_priority(self, waiting_queue: list, running_batch=None) -> None:
-        # the base policy orders the queue as SGLang keeps it (arrival order), not as we left it
         waiting_queue.sort(key=lambda w: w.time_stats.wait_queue_entry_time)
         self.base.calc_priority(waiting_queue)
         cache = self.system.cache
-        layers = range(cache.store.num_layers)
-        resident = np.stack([cache.resident_mask(layer).numpy() for layer in layers])
-        rank = {id(w): i for i, w in enumerate(waiting_queue)}
-
-        def key(w):
-            if self.passed.get(w.rid, 0) >= self.max_passed:
-                return (0, 0.0, rank[id(w)])
-            return (1, -float((self.profile[w.rid] * resident).sum()), rank[id(w)])
-
-        waiting_queue.sort(key=key)
-
-    def note_admitted(self, admitted: list, waiting: list) -> None:
-        """Every request still waiting that arrived before an admitted one was passed over."""
-        if not admitted:
-            return
-        latest = max(w.time_stats.wait_queue_entry_time for w in admitted)
-        chosen = {id(w) for w in admitted}
-        for w in waiting:
-            if id(w) not in chosen and w.time_stats.wait_queue_entry_time < latest:
-                self.passed[w.rid] = self.passed.get(w.rid, 0) + 1
+        resident = torch.stack([cache.resident_mask(la) for la in range(cache.store.num_layers)])
+        order = self.admission.order([w.rid for w in waiting_queue],
+                                     [self.profiles[w.rid] for w in waiting_queue], resident)  # fmt: skip
+        waiting_queue[:] = [waiting_queue[i] for i in order]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -766,6 +763,9 @@ def parse_args(argv):
         "runs it) and overlap (resident-overlap first, an oracle profile; offload rows only)")
     add("--max-passed", type=int, default=4,
         help="overlap admission: a request passed over this many times by later arrivals goes first")
+    add("--overlap-profile", default="embedding", choices=("embedding", "oracle"),
+        help="overlap admission's profile of a waiting request: the routers on its prompt's "
+        "embeddings (what a server has before the prefill), or its true prompt routing (a bound)")
     add("--shape", default="qwen3-30b-a3b", choices=["shipped", *SHAPES])
     add(
         "--host-us",
@@ -808,6 +808,10 @@ def _main(args, t0: float) -> dict:
     reqs = make_requests(task_tokens(model_dir), args.requests_per_task, args.seed,
                          args.prompt_median, args.output_median, args.prompt_max, args.output_max)  # fmt: skip
     W = route(model, reqs)
+    oracle = oracle_profiles(W)
+    profiles = oracle if args.overlap_profile == "oracle" else embedding_profiles(model, W)
+    # the profile as a predictor of the prompt's routing: histogram intersection per layer
+    agreement = torch.stack([torch.minimum(profiles[r], oracle[r]).sum(-1) for r in oracle]).mean(0)
     tasks = [r.task for r in reqs]
     base_rows, base_logp = decoded_quality(model, W)
     policy = FCFS() if args.no_sglang else sglang_policy(args.schedule_policy)
@@ -839,7 +843,7 @@ def _main(args, t0: float) -> dict:
                     system = (SGLangPaged(W, K) if name.startswith("sglang")
                               else Ours(W, K, ev, params, cap, args.path_decay))  # fmt: skip
                     order = (policy if adm == "fcfs"
-                             else OverlapAdmission(policy, W, system, args.max_passed))  # fmt: skip
+                             else OverlapOrder(policy, profiles, system, args.max_passed))  # fmt: skip
                     t1 = time.time()
                     run = replay(W, arrive, system, cap, order, args.max_prefill_tokens, shape,
                                  hw, args.host_us, bar)  # fmt: skip
@@ -871,6 +875,8 @@ def _main(args, t0: float) -> dict:
                     "distribution": "log-normal, sigma 0.6, clipped"},
         "admission": {"schedule_policy": args.schedule_policy, "orders": admissions,
                       "overlap_max_passed": args.max_passed,
+                      "overlap_profile": args.overlap_profile,
+                      "profile_agreement_per_layer": [round(float(a), 3) for a in agreement],
                       "source": "FCFS (no SGLang)" if args.no_sglang else
                       "sglang.srt.managers.schedule_policy.SchedulePolicy (imported)",
                       "max_prefill_tokens": args.max_prefill_tokens},

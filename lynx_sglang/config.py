@@ -31,6 +31,7 @@ EVICTIONS = ("lru", "lfu", "score", "path")
 PREFETCHES = ("off", "temporal", "cross-layer", "both")
 EXECUTORS = ("hybrid", "eager", "graph")
 SLOT_POOLS = ("layer", "shared")
+ADMISSIONS = ("fcfs", "overlap")
 # The format the host store and the slots hold: the checkpoint's own, or a bf16/fp16
 # checkpoint's experts quantised once at load (round to nearest, no calibration data) to block
 # FP8 (e4m3, 128 x 128 float32 scales: the layout of DeepSeek-V3's and Qwen's FP8 releases).
@@ -207,6 +208,12 @@ class CacheParams:
     executor: str = "hybrid"
     # Host memory that must stay free after the pinned store is allocated, in GiB.
     host_headroom_gib: float = 2.0
+    # Admission: the waiting queue as SGLang orders it, or reordered by each request's
+    # estimated routing overlap with the resident experts (no request passed over more than
+    # admission_max_passed times). Off by default: on the serving replay it saves bytes only
+    # with a loose bound (README).
+    admission: str = "fcfs"
+    admission_max_passed: int = 32
 
     def __post_init__(self) -> None:
         _at_least("slots", self.slots, 0)
@@ -226,6 +233,8 @@ class CacheParams:
             raise ConfigError(f"--lynx-path-decay must be in [0, 1), got {self.path_decay}")
         _choice("prefetch", self.prefetch, PREFETCHES)
         _choice("executor", self.executor, EXECUTORS)
+        _choice("admission", self.admission, ADMISSIONS)
+        _at_least("admission_max_passed", self.admission_max_passed, 0)
         if self.host_headroom_gib < 0.0:
             raise ConfigError(
                 f"--lynx-host-headroom-gib must be >= 0, got {self.host_headroom_gib}"
@@ -432,6 +441,10 @@ _HELP = {
     "(the running requests' own routing: what they are least likely to route to next goes first)",
     "lfu_decay": "per-step decay of LFU frequencies",
     "path_decay": "path eviction: per-token decay of each running request's routing history",
+    "admission": "waiting-queue order: SGLang's (fcfs), or overlap: requests whose prompt, read "
+    "by each layer's router on its embeddings, routes most to the resident experts go first",
+    "admission_max_passed": "overlap admission: a request passed over this many times by later "
+    "arrivals goes first",
     "prefetch": "prefetch predictor: previous step's set, next layer's router, or both",
     "prefetch_select": "pass the prefetch prediction through the selection policy",
     "executor": "hybrid (captured decode steps device-side, the rest host-planned), eager or graph",
@@ -447,6 +460,7 @@ _CHOICES = {
     "executor": EXECUTORS,
     "slot_pool": SLOT_POOLS,
     "expert_format": EXPERT_FORMATS,
+    "admission": ADMISSIONS,
 }
 
 

@@ -94,29 +94,31 @@ def test_loads_at_k_equal_e_are_an_independent_recount(workload):
             assert counts[n, layer, sr.DISTINCT] == len(want)
 
 
-def test_overlap_admission_prefers_resident_overlap_within_its_bound(workload):
-    """Overlap admission orders the queue by each request's prompt-routing mass on the resident
-    experts, and a request passed over ``max_passed`` times by later arrivals goes first."""
-    _, W = workload
-    system = sr.Ours(W, W.num_experts // 2, "lru", None, 4)
-    order = sr.OverlapAdmission(sr.FCFS(), W, system, max_passed=2)
-    for prof in order.profile.values():
+def test_overlap_order_puts_the_most_resident_overlap_first(workload):
+    """The replay's --admissions overlap: SGLang's order, then the library's OverlapAdmission
+    on each request's profile; the embedding profile is the model's own routers on the prompt's
+    embeddings; a full run admits every request."""
+    model, W = workload
+    oracle = sr.oracle_profiles(W)
+    for prof in oracle.values():
         assert prof.shape == (W.num_layers, W.num_experts)
-        assert np.allclose(prof.sum(-1), 1.0)  # the share of the prompt's choices per expert
-    best = max(order.profile, key=lambda rid: order.profile[rid][:, :3].sum())
+        assert torch.allclose(prof.sum(-1), torch.ones(W.num_layers))
+    emb = sr.embedding_profiles(model, W)
+    r = W.requests[0]
+    x = model.embed_tokens(r.tokens[: r.prompt])
+    for li, layer in enumerate(model.layers):
+        top = layer.mlp.gate(layer.post_attention_layernorm(x)).topk(W.top_k, -1).indices
+        want = torch.bincount(top.reshape(-1), minlength=W.num_experts) / top.numel()
+        torch.testing.assert_close(emb[r.rid][li], want)
+    system = sr.Ours(W, W.num_experts // 2, "lru", None, 4)
     for layer in range(W.num_layers):  # experts 0..2 of every layer resident
-        system.cache.prepare(layer, torch.arange(3)[None, :].repeat(1, 1), decode=True)
+        system.cache.prepare(layer, torch.arange(3)[None, :], decode=True)
+    best = max(oracle, key=lambda rid: float(oracle[rid][:, :3].sum()))
     q = [sr._Waiting(r, float(i)) for i, r in enumerate(W.requests)]
-    order.calc_priority(q)
-    assert q[0].rid == best  # the most overlap first, whatever its arrival
-    first = min(q, key=lambda w: w.time_stats.wait_queue_entry_time)
-    assert first.rid != best  # (this workload) so the bound below is what puts it first
-    for _ in range(2):  # passed over twice by a later arrival
-        order.note_admitted([w for w in q if w is not first][:1], q)
-    order.calc_priority(q)
-    assert q[0] is first
+    sr.OverlapOrder(sr.FCFS(), oracle, system, max_passed=2).calc_priority(q)
+    assert q[0].rid == best != W.requests[0].rid  # the most overlap first, whatever its arrival
     run, _ = _serve(W, sr.Ours(W, W.num_experts // 2, "lru", None, 3), cap=3, rate=50.0,
-                    policy=sr.OverlapAdmission(sr.FCFS(), W, system, 2))  # fmt: skip
+                    policy=sr.OverlapOrder(sr.FCFS(), emb, system, 2))  # fmt: skip
     assert sorted(run.admission_order) == sorted(r.rid for r in W.requests)
 
 

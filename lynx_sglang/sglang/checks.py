@@ -83,6 +83,7 @@ class ServingFacts:
     paged_experts: Optional[bool] = None
     ktransformers: Optional[bool] = None
     eplb: Optional[bool] = None
+    schedule_policy: Optional[str] = None  # --schedule-policy, "+priority" with priority scheduling
     architecture: Optional[str] = None
     dtype: Optional[str] = None
     top_k: Optional[int] = None
@@ -107,6 +108,17 @@ def problems(cfg: LynxConfig, facts: ServingFacts) -> list[str]:
             f"--lynx-mode {cfg.mode} does not page {f.quantization} experts ({model}'s "
             f"checkpoint; Marlin repacks after loading): it pages {OFFLOAD_FORMATS} "
             "(or use --lynx-mode lynx)"
+        )
+    if cfg.admission != "fcfs" and not cfg.offload_on:
+        out.append(
+            f"--lynx-admission {cfg.admission} orders the queue by what the expert cache holds: "
+            "it needs --lynx-mode offload or lynx+offload"
+        )
+    elif cfg.admission != "fcfs" and f.schedule_policy not in (None, "fcfs"):
+        out.append(
+            f"--lynx-admission {cfg.admission} reorders SGLang's FCFS queue; this server runs "
+            f"--schedule-policy {f.schedule_policy} (use --schedule-policy fcfs without "
+            "--enable-priority-scheduling, or --lynx-admission fcfs)"
         )
     if cfg.expert_format != "checkpoint" and not cfg.offload_on:
         out.append(
@@ -254,6 +266,8 @@ def facts_from_server_args(args: Any, resolved: bool = False) -> ServingFacts:
         paged_experts=args.enable_paged_experts,
         ktransformers=args.kt_weight_path is not None,
         eplb=args.enable_eplb,
+        schedule_policy=str(args.schedule_policy)
+        + ("+priority" if getattr(args, "enable_priority_scheduling", False) else ""),
     )
 
 

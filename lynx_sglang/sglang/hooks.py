@@ -161,7 +161,43 @@ def _finish_load(runtime: rt_mod.LynxRuntime, model: torch.nn.Module) -> None:
             ):
                 index = runtime.index(experts.layer_id)
                 runtime.cache.set_router(index, gate.weight, runtime.routing[index])
+    if runtime.admission is not None:
+        runtime.profiler = _prompt_profiler(runtime, model)
     logger.info("lynx-sglang: %s on %s", _describe(runtime.cfg, runtime), runtime.device)
+
+
+def _prompt_profiler(runtime: rt_mod.LynxRuntime, model: torch.nn.Module) -> Any:
+    """--lynx-admission overlap's profiler: the model's token embeddings, and per MoE layer (in
+    the cache's order) its decoder layer's pre-MoE RMSNorm and its router's weight."""
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+
+    from lynx_sglang.offload.admission import PromptProfiler
+    from lynx_sglang.sglang.checks import UnsupportedConfig
+
+    embed = getattr(getattr(model, "model", model), "embed_tokens", None)
+    found = {}
+    for block in model.modules():
+        mlp, norm = getattr(block, "mlp", None), getattr(block, "post_attention_layernorm", None)
+        experts, gate = getattr(mlp, "experts", None), getattr(mlp, "gate", None)
+        if isinstance(experts, FusedMoE) and norm is not None and gate is not None:
+            eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+            found[runtime.index(experts.layer_id)] = ((norm.weight, float(eps)), gate.weight)
+    if embed is None or sorted(found) != list(range(len(runtime.model.moe_layer_ids))):
+        raise UnsupportedConfig(
+            "lynx-sglang: --lynx-admission overlap reads the model's embed_tokens and each MoE "
+            "layer's post_attention_layernorm and gate, which this model does not name so"
+        )
+    norms, routers = zip(*(found[i] for i in sorted(found)))
+    return PromptProfiler(embed.weight, norms, routers, runtime.model.top_k)
+
+
+def after_calc_priority(result: Any, policy: Any, waiting_queue: list, *args: Any, **kw: Any):
+    """SGLang's scheduler ordered its waiting queue; with --lynx-admission overlap, reorder it
+    by each request's estimated overlap with the resident experts (within the bound)."""
+    runtime = rt_mod.active()
+    if runtime is not None and runtime.admission is not None and len(waiting_queue) > 1:
+        runtime.order_queue(waiting_queue)
+    return result
 
 
 def _format(runtime: rt_mod.LynxRuntime) -> str:
@@ -187,6 +223,8 @@ def _describe(cfg: LynxConfig, runtime: rt_mod.LynxRuntime) -> str:
         parts.append(
             f"slots={cache.num_slots}/{runtime.model.num_experts} pool={cfg.slot_pool} "
             f"eviction={cfg.eviction} prefetch={cfg.prefetch} executor={cfg.executor} "
+            f"admission={cfg.admission}"
+            f"{f'(max_passed={cfg.admission_max_passed})' if cfg.admission != 'fcfs' else ''} "
             f"experts={_format(runtime)} "
             f"({store.nbytes_per_expert / 2**20:.2f} MiB each with scales) "
             f"host={store.buffer.numel() / 2**30:.2f} GiB gpu_slots={slot_bytes / 2**30:.2f} GiB"
@@ -341,6 +379,12 @@ HOOKS: tuple[Hook, ...] = (
     # Every forward: is it a pure decode batch, and how many rows are real.
     Hook(f"{_RUNNER}._forward_raw", around_forward_raw, HookType.AROUND),
     Hook(f"{_GRAPH}.capture_one_shape", around_capture_one_shape, HookType.AROUND),
+    # The scheduler's waiting queue, once SGLang's policy has ordered it (--lynx-admission).
+    Hook(
+        "sglang.srt.managers.schedule_policy.SchedulePolicy.calc_priority",
+        after_calc_priority,
+        HookType.AFTER,
+    ),
     # Every MoE layer: our quant method around the layer's own, where the whole step runs.
     Hook(
         "sglang.srt.layers.moe.fused_moe_triton.layer.FusedMoE.__init__",

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from lynx_sglang.config import LynxConfig
+from lynx_sglang.offload.admission import OverlapAdmission, PromptProfiler
 from lynx_sglang.selection.routing import SOFTMAX_TOPK, Routing
 from lynx_sglang.selection.similarity import expert_similarity
 from lynx_sglang.selection.types import ExpertSimilarity
@@ -119,6 +120,16 @@ class LynxRuntime:
         self.similarity: Optional[list[Optional[ExpertSimilarity]]] = None
         if self.selection is not None and self.selection.policy == "similar":
             self.similarity = [None] * num_layers
+        # --lynx-admission overlap: the queue order and the prompt profiler (set once loaded),
+        # and the profile of each waiting request, by rid.
+        self.admission = (
+            OverlapAdmission(cfg.admission_max_passed)
+            if cfg.offload_on and cfg.admission == "overlap"
+            else None
+        )
+        self.profiler: Optional[PromptProfiler] = None
+        self._profiles: dict[Any, tuple[int, torch.Tensor]] = {}  # rid -> (first seen, profile)
+        self._seen = 0
 
     def note_expert_weights(self, index: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
         """A MoE layer's expert weights are loaded: compute what the policy needs of them."""
@@ -237,6 +248,26 @@ class LynxRuntime:
                 )
             requests = self.graph_requests[:rows]
         return Step(decode=True, num_valid=self.graph_rows, requests=requests)
+
+    # ------------------------------------------------------------------ admission
+    def order_queue(self, waiting_queue: list) -> None:
+        """--lynx-admission overlap: reorder SGLang's waiting queue (``Req``s, as its policy
+        left it) in place, most estimated overlap with the resident experts first, within the
+        pass-over bound. Runs in the scheduler between forwards: one device read."""
+        if self.admission is None or self.profiler is None or self.cache is None:
+            return
+        for req in waiting_queue:
+            if req.rid not in self._profiles:
+                self._profiles[req.rid] = (self._seen, self.profiler(list(req.origin_input_ids)))
+                self._seen += 1
+        # SGLang's FCFS keeps the queue as we left it: arrival (first seen) order comes first
+        waiting_queue.sort(key=lambda req: self._profiles[req.rid][0])
+        keys = [req.rid for req in waiting_queue]
+        self._profiles = {k: self._profiles[k] for k in keys}
+        layers = range(self.cache.store.num_layers)
+        resident = torch.stack([self.cache.resident_mask(layer) for layer in layers])
+        order = self.admission.order(keys, [self._profiles[k][1] for k in keys], resident)
+        waiting_queue[:] = [waiting_queue[i] for i in order]
 
     # ------------------------------------------------------------------ layers
     def index(self, layer_id: int) -> int:

@@ -761,7 +761,7 @@ def parse_args(argv):
     add("--admissions", default="fcfs",
         help="admission orders to run our cache under: fcfs (the --schedule-policy as SGLang "
         "runs it) and overlap (resident-overlap first, an oracle profile; offload rows only)")
-    add("--max-passed", type=int, default=4,
+    add("--max-passed", type=int, default=32,
         help="overlap admission: a request passed over this many times by later arrivals goes first")
     add("--overlap-profile", default="embedding", choices=("embedding", "oracle"),
         help="overlap admission's profile of a waiting request: the routers on its prompt's "

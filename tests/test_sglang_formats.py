@@ -163,6 +163,21 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8)
 
 
+def assert_slots_equal_resident(runtime, moe, stock, dtype=None) -> None:
+    """GPU: decode steps of the layer on the slots give bit for bit the stock layer's output
+    with every expert resident (same kernel, same config)."""
+    from sglang.srt.layers.moe.topk import StandardTopKOutput
+
+    for seed in range(3):
+        x, ids, wts, logits = (t.cuda() for t in routing(seed))
+        x = x if dtype is None else x.to(dtype)
+        topk = StandardTopKOutput(wts, ids.int(), logits)
+        want = stock(x, topk)
+        with activated(runtime), runtime.scope(runtime.decode_step(TOKENS)):
+            got = moe(x, topk)
+        assert torch.equal(got, want)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -395,7 +410,6 @@ def test_online_fp8_pages_what_sglangs_post_load_makes(sglang_layers, monkeypatc
 def test_online_fp8_kernel_on_slots_equals_resident(sglang_layers):
     """On the GPU, SGLang's own quantiser and FP8 kernel: the slots give bit for bit what the
     stock online-FP8 layer gives with every expert resident."""
-    from sglang.srt.layers.moe.topk import StandardTopKOutput
 
     w = {k: t.cuda() for k, t in bf16_experts(9).items()}
     with torch.device("cuda"):
@@ -405,12 +419,7 @@ def test_online_fp8_kernel_on_slots_equals_resident(sglang_layers):
         runtime = LynxRuntime(cfg, ModelFacts(E, TOP_K, H, INTER, (0,), torch.bfloat16, "fp8"),
                               torch.device("cuda"))  # fmt: skip
         moe = build_online(runtime, w)
-    for seed in range(3):
-        x, ids, wts, logits = (t.cuda() for t in routing(seed))
-        topk = StandardTopKOutput(wts, ids.int(), logits)
-        with activated(runtime), runtime.scope(runtime.decode_step(TOKENS)):
-            got = moe(x, topk)
-        assert torch.equal(got, stock(x, topk))
+    assert_slots_equal_resident(runtime, moe, stock)
 
 
 def test_online_fp8_with_a_shard_missing_fails_at_load(sglang_layers, monkeypatch):
@@ -450,7 +459,6 @@ def test_a_post_load_transform_is_refused(sglang_layers, monkeypatch):
 def test_sglangs_kernel_on_slots_equals_resident(sglang_layers, fmt):
     """The format's own fused kernel on K slots gives bit for bit what it gives on the layer
     with every expert resident (same kernel config)."""
-    from sglang.srt.layers.moe.topk import StandardTopKOutput
 
     ckpt = checkpoint(fmt, 2)
     with torch.device("cuda"):
@@ -460,13 +468,7 @@ def test_sglangs_kernel_on_slots_equals_resident(sglang_layers, fmt):
                          prefetch="off", executor="eager")  # fmt: skip
         runtime = LynxRuntime(cfg, facts, torch.device("cuda"))
         moe = build(fmt, runtime, ckpt)
-    for seed in range(3):
-        x, ids, w, logits = (t.cuda() for t in routing(seed))
-        topk = StandardTopKOutput(w, ids.int(), logits)
-        want = stock(x, topk)
-        with activated(runtime), runtime.scope(runtime.decode_step(TOKENS)):
-            got = moe(x, topk)
-        assert torch.equal(got, want)
+    assert_slots_equal_resident(runtime, moe, stock)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,7 +576,6 @@ def build_converted(w: dict, device: str, fmt: str = "fp8"):
 def test_converted_fp8_runs_sglangs_kernel_like_an_fp8_checkpoint(sglang_layers):
     """On the GPU: the bf16 checkpoint paged as FP8 computes bit for bit what SGLang's block-FP8
     layer computes on the same weights shipped as an FP8 checkpoint, all resident."""
-    from sglang.srt.layers.moe.topk import StandardTopKOutput
 
     w = bf16_experts(6)
     names = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
@@ -582,12 +583,7 @@ def test_converted_fp8_runs_sglangs_kernel_like_an_fp8_checkpoint(sglang_layers)
     with torch.device("cuda"):
         stock = build("fp8-block", None, ckpt)
     runtime, moe = build_converted(w, "cuda")
-    for seed in range(3):
-        x, ids, wts, logits = (t.cuda() for t in routing(seed))
-        topk = StandardTopKOutput(wts, ids.int(), logits)
-        with activated(runtime), runtime.scope(runtime.decode_step(TOKENS)):
-            got = moe(x, topk)
-        assert torch.equal(got, stock(x, topk))
+    assert_slots_equal_resident(runtime, moe, stock)
 
 
 def test_expert_format_needs_offload_and_a_bf16_checkpoint():
@@ -804,7 +800,6 @@ def test_asymmetric_gptq_is_refused_in_one_line(sglang_layers):
 def test_moe_wna16_kernel_on_slots_equals_resident(sglang_layers):
     """On the GPU: SGLang's triton w4a16 kernel on K slots, bit for bit its output with every
     expert resident."""
-    from sglang.srt.layers.moe.topk import StandardTopKOutput
     from sglang.srt.runtime_context import get_parallel
 
     ckpt = gptq_checkpoint(8)
@@ -816,13 +811,7 @@ def test_moe_wna16_kernel_on_slots_equals_resident(sglang_layers):
         runtime = LynxRuntime(cfg, facts, torch.device("cuda"))
         moe = build_wna16(runtime, ckpt)
     get_parallel().tp_group.device = torch.device("cuda")
-    for seed in range(3):
-        x, ids, w, logits = (t.cuda() for t in routing(seed))
-        topk = StandardTopKOutput(w, ids.int(), logits)
-        want = stock(x.half(), topk)
-        with activated(runtime), runtime.scope(runtime.decode_step(TOKENS)):
-            got = moe(x.half(), topk)
-        assert torch.equal(got, want)
+    assert_slots_equal_resident(runtime, moe, stock, torch.half)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -911,7 +900,6 @@ def test_converted_int4_runs_sglangs_w4a16_kernel_like_a_gptq_checkpoint(sglang_
     """On the GPU: the bf16 checkpoint paged as int4 computes bit for bit what SGLang's stock
     moe_wna16 layer computes on the same values shipped as a symmetric GPTQ checkpoint."""
     from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
-    from sglang.srt.layers.moe.topk import StandardTopKOutput
     from sglang.srt.layers.quantization.moe_wna16 import MoeWNA16Config
     from sglang.srt.runtime_context import get_parallel
 
@@ -929,9 +917,4 @@ def test_converted_int4_runs_sglangs_w4a16_kernel_like_a_gptq_checkpoint(sglang_
                          quant_config=MoeWNA16Config.from_config(INT4_CONFIG), prefix=PREFIX)  # fmt: skip
     load_checkpoint(stock, lambda e, proj: ckpt[e, proj])
     runtime, moe = build_converted(w, "cuda", "int4")
-    for seed in range(3):
-        x, ids, wts, logits = (t.cuda() for t in routing(seed))
-        topk = StandardTopKOutput(wts, ids.int(), logits)
-        with activated(runtime), runtime.scope(runtime.decode_step(TOKENS)):
-            got = moe(x, topk)
-        assert torch.equal(got, stock(x, topk))
+    assert_slots_equal_resident(runtime, moe, stock)

@@ -32,6 +32,10 @@ Fixed windows of B sequences (bench/compare_offload.py) are not what a server se
              the CUDA-graph capture cap) are charged --host-us per layer-step. Arrivals, queueing,
              TTFT and TPOT run on that projected clock, so each system serves its own schedule.
 
+Mechanisms measured on it besides eviction: --admissions overlap (ExpertFlow's regrouping across
+batches, the server's --lynx-admission) and --rewarm N (eMoE's task-aware periodic profiles:
+TaskProfiles re-warms the cache every N decode steps; replay only, it does not pay).
+
 Outputs: a table, ``bench/results/<name>.json`` (every row), a PNG beside it, and a compact last
 stdout line of JSON.
 """
@@ -358,11 +362,40 @@ class OverlapOrder:
 # ---------------------------------------------------------------------------------------------
 
 
+class TaskProfiles:
+    """eMoE's task-aware periodic profiles, in the replay: per task and layer a decayed histogram
+    of the experts its requests' decode tokens route to, learned online from the steps served;
+    every ``every`` decode steps each layer's cache is re-warmed (``ExpertCache.prefetch``) with
+    the experts the running batch's tasks use most, each running request weighing its task's
+    normalised profile once. The copies count as loads (the bytes cross PCIe like any miss)."""
+
+    def __init__(self, tasks: tuple[str, ...], L: int, E: int, every: int, decay: float = 0.98):
+        if every < 1:
+            raise ValueError(f"task profiles: re-warm every N >= 1 decode steps, got {every}")
+        self.hist = {t: torch.zeros(L, E) for t in tasks}
+        self.every, self.decay, self.E = every, decay, E
+
+    def learn(self, layer: int, ids: torch.Tensor, tasks: list[str]) -> None:
+        """One decode layer-step's routing ``ids`` [T, k], row t of task ``tasks[t]``."""
+        for t in set(tasks):
+            rows = torch.tensor([i for i, x in enumerate(tasks) if x == t])
+            h = self.hist[t][layer]
+            h.mul_(self.decay).add_(torch.bincount(ids[rows].reshape(-1), minlength=self.E))
+
+    def ranked(self, layer: int, tasks: list[str]) -> np.ndarray:
+        """The experts of ``layer``, most used first by the running requests' tasks ``tasks``."""
+        mix = torch.zeros(self.E)
+        for t in tasks:
+            h = self.hist[t][layer]
+            mix += h / h.sum().clamp_min(1e-9)
+        return np.argsort(-mix.numpy(), kind="stable")
+
+
 class Ours:
     """The project's cache (eager executor) through ``moe_layer_step``, selection optional."""
 
     def __init__(self, W: Workload, slots: int, eviction: str, selection: SelectionParams | None,
-                 max_requests: int, decay: float = 0.95) -> None:  # fmt: skip
+                 max_requests: int, decay: float = 0.95, rewarm: int = 0) -> None:  # fmt: skip
         L, E, k = W.num_layers, W.num_experts, W.top_k
         store = HostExpertStore(L, E, {"w": (4,)}, torch.float32, None, 0)  # counts only
         # path eviction is told each step's request rows, as the server's step tells it
@@ -386,6 +419,7 @@ class Ours:
 
         self.cache.prepare = recording_prepare
         self.reads_cache = selection is not None and selection.miss_aware
+        self.profiles = TaskProfiles(TASKS, L, E, rewarm) if rewarm else None
 
     def captured(self, batch: int) -> bool:
         """Whether the server replays a decode batch of ``batch`` rows in a CUDA graph."""
@@ -460,6 +494,7 @@ class Run:
     finish: dict[int, float] = field(default_factory=dict)
     generated: dict[int, int] = field(default_factory=dict)
     max_running: int = 0
+    decode_steps: int = 0
     admission_order: list[int] = field(default_factory=list)
     # path predictor, per decode layer-step: (layer, |pred & need|, |pred|, |need|, |topK & need|)
     prediction: list[tuple[int, int, int, int, int]] = field(default_factory=list)
@@ -512,11 +547,19 @@ def replay(W: Workload, arrive: np.ndarray, system, cap: int, policy, budget: in
         counts = np.zeros((L, 5), dtype=np.int64)
         need = np.zeros((L, W.num_experts), dtype=bool)
         seen = [] if decode else None
+        profiles = getattr(system, "profiles", None) if decode else None
+        if profiles is not None:
+            row_tasks = [W.requests[a].task for a, _ in rows]
+            rewarm = run.decode_steps > 0 and run.decode_steps % profiles.every == 0
         for layer in range(L):
             logits, ids, weights = W.rows(layer, index)
             if decode and isinstance(system, Ours) and system.path is not None:
                 _score_prediction(run, system, layer, ids)
+            if profiles is not None and rewarm:  # its copies are counted in this layer-step
+                system.cache.prefetch(layer, profiles.ranked(layer, row_tasks)[: system.slots])
             c, n, s = system.layer_step(layer, ids, weights, logits, decode, slots)
+            if profiles is not None:
+                profiles.learn(layer, ids, row_tasks)
             counts[layer], need[layer] = c, n
             if seen is not None and s is not None:
                 seen.append(s.numpy())
@@ -533,6 +576,7 @@ def replay(W: Workload, arrive: np.ndarray, system, cap: int, policy, budget: in
         run.schedule.append(rows)
         if decode:
             run.seen.append(np.stack(seen) if seen else None)
+            run.decode_steps += 1
         clock += dt
         if decode:
             finished = []
@@ -660,6 +704,7 @@ def summarise(W: Workload, run: Run, shape: Shape, traced_layers: int) -> dict:
     """Loads, bytes, projected throughput and per-request latencies of one run, with MIN on its
     own trace."""
     c = np.stack(run.counts)  # [N, L, 5]
+    loads = c[..., MISSES] + c[..., PREFETCHED]  # demand copies and re-warm copies (task profiles)
     dec = np.array([k == "decode" for k in run.kind])
     trace = np.stack(run.needed)  # [N, L, E]
     E = W.num_experts
@@ -680,10 +725,11 @@ def summarise(W: Workload, run: Run, shape: Shape, traced_layers: int) -> dict:
         "max_running": run.max_running,
         "captured_decode_share": round(float(np.mean(np.array(run.captured)[dec])), 3) if dec.any() else 0,
         "distinct_per_decode_layer_step": round(float(c[dec][..., DISTINCT].mean()), 3),
-        "loads_per_decode_layer_step": round(float(c[dec][..., MISSES].mean()), 3),
-        "loads_per_prefill_layer_step": round(float(c[~dec][..., MISSES].mean()), 3) if (~dec).any() else 0,
-        "loads_total": int(c[..., MISSES].sum()),
-        "h2d_bytes_per_token": round(float(c[..., MISSES].sum() * scale * shape.expert_bytes / out_tokens), 1),
+        "loads_per_decode_layer_step": round(float(loads[dec].mean()), 3),
+        "loads_per_prefill_layer_step": round(float(loads[~dec].mean()), 3) if (~dec).any() else 0,
+        "loads_total": int(loads.sum()),
+        "rewarm_loads_total": int(c[..., PREFETCHED].sum()),
+        "h2d_bytes_per_token": round(float(loads.sum() * scale * shape.expert_bytes / out_tokens), 1),
         "tokens_per_s_busy": round(out_tokens / busy, 2),
         "tokens_per_s_span": round(out_tokens / span, 2),
         "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
@@ -696,19 +742,27 @@ def summarise(W: Workload, run: Run, shape: Shape, traced_layers: int) -> dict:
         row["min_loads_total"] = int(mins[..., MISSES].sum())
         row["loads_over_min"] = round(row["loads_total"] / max(1, row["min_loads_total"]), 4)
         row["decode_loads_over_min"] = round(
-            float(c[dec][..., MISSES].sum()) / max(1, float(mins[dec][..., MISSES].sum())), 4
+            float(loads[dec].sum()) / max(1, float(mins[dec][..., MISSES].sum())), 4
         )
         # where the gap lies: the first decode step after a prefill reloads what the prefill's
         # waves evicted (MIN keeps the next step's experts through a multi-wave step)
         after = np.array([d and i > 0 and not dec[i - 1] for i, d in enumerate(dec)])
         if after.any():
             row["decode_loads_after_prefill_share"] = round(
-                float(c[after][..., MISSES].sum()) / max(1, float(c[dec][..., MISSES].sum())), 4
+                float(loads[after].sum()) / max(1, float(loads[dec].sum())), 4
             )
             row["min_decode_loads_after_prefill_share"] = round(
                 float(mins[after][..., MISSES].sum()) / max(1, float(mins[dec][..., MISSES].sum())),
                 4,
             )
+    # what a per-task budget could act on: a batch-wide selection's cut is one for the whole
+    # batch, so a task's own budget applies only to decode steps running no other task
+    mix = [{W.requests[a].task for a, _ in rows}
+           for rows, kind in zip(run.schedule, run.kind) if kind == "decode"]  # fmt: skip
+    if mix:
+        row["decode_steps_single_task"] = round(float(np.mean([len(m) == 1 for m in mix])), 4)
+        row["decode_steps_without_task"] = {t: round(float(np.mean([t not in m for m in mix])), 4)
+                                            for t in TASKS}  # fmt: skip
     if run.prediction:
         p = np.array(run.prediction)  # [M, 5]
         per = []
@@ -760,12 +814,17 @@ def parse_args(argv):
     add("--no-selection", action="store_true", help="skip the lynx+offload rows")
     add("--admissions", default="fcfs",
         help="admission orders to run our cache under: fcfs (the --schedule-policy as SGLang "
-        "runs it) and overlap (resident-overlap first, an oracle profile; offload rows only)")
+        "runs it) and overlap (resident overlap first, --overlap-profile; offload rows only)")
     add("--max-passed", type=int, default=32,
         help="overlap admission: a request passed over this many times by later arrivals goes first")
     add("--overlap-profile", default="embedding", choices=("embedding", "oracle"),
         help="overlap admission's profile of a waiting request: the routers on its prompt's "
         "embeddings (what a server has before the prefill), or its true prompt routing (a bound)")
+    add("--rewarm", default="",
+        help="task-aware profiles (eMoE): offload rows (lru, path) whose cache is re-warmed every "
+        "N decode steps from the running tasks' online profiles, e.g. 4,16 (empty: none)")
+    add("--budget", type=float, default=quality.DEFAULT.budget,
+        help="the lynx+offload rows' Lynx budget (the server's default)")
     add("--shape", default="qwen3-30b-a3b", choices=["shipped", *SHAPES])
     add(
         "--host-us",
@@ -819,15 +878,18 @@ def _main(args, t0: float) -> dict:
     caps = [int(x) for x in args.caps.split(",") if x]
     fracs = [float(x) for x in args.k_fractions.split(",") if x]
     evictions = [e for e in args.evictions.split(",") if e]
-    sel = replace(quality.DEFAULT)  # the server's defaults with the cache (miss-aware)
+    sel = replace(quality.DEFAULT, budget=args.budget)  # the server's defaults (miss-aware)
     admissions = [a for a in args.admissions.split(",") if a]
     if set(admissions) - {"fcfs", "overlap"}:
         raise SystemExit(f"serve_replay: --admissions takes fcfs and overlap, got {args.admissions}")
-    systems = [("offload (ours)", e, None, a) for a in admissions for e in evictions]
+    rewarms = [int(x) for x in args.rewarm.split(",") if x]
+    systems = [("offload (ours)", e, None, a, 0) for a in admissions for e in evictions]
+    systems += [("offload (ours)", e, None, "fcfs", n) for n in rewarms
+                for e in evictions if e in ("lru", "path")]  # fmt: skip
     if not args.no_sglang:
-        systems.append(("sglang paged experts", "lru (sglang)", None, "fcfs"))
+        systems.append(("sglang paged experts", "lru (sglang)", None, "fcfs", 0))
     if not args.no_selection:
-        systems += [("lynx+offload", e, sel, "fcfs") for e in evictions if e in ("lru", "path")]
+        systems += [("lynx+offload", e, sel, "fcfs", 0) for e in evictions if e in ("lru", "path")]
     n_runs = len(rates) * len(caps) * len(fracs) * len(systems)
     print(f"serve_replay: {model_dir.name} (E={E}, top-{k}, {L} layers), {len(reqs)} requests "
           f"({', '.join(f'{t}: {tasks.count(t)}' for t in TASKS)}), {sum(r.output for r in reqs)} "
@@ -839,9 +901,9 @@ def _main(args, t0: float) -> dict:
         for cap in caps:
             for rate in rates:
                 arrive = arrivals(len(reqs), rate, args.seed)
-                for name, ev, params, adm in systems:
+                for name, ev, params, adm, every in systems:
                     system = (SGLangPaged(W, K) if name.startswith("sglang")
-                              else Ours(W, K, ev, params, cap, args.path_decay))  # fmt: skip
+                              else Ours(W, K, ev, params, cap, args.path_decay, every))  # fmt: skip
                     order = (policy if adm == "fcfs"
                              else OverlapOrder(policy, profiles, system, args.max_passed))  # fmt: skip
                     t1 = time.time()
@@ -849,7 +911,8 @@ def _main(args, t0: float) -> dict:
                                  hw, args.host_us, bar)  # fmt: skip
                     run.slots = K
                     row = {"system": name, "eviction": ev, "selection": params is not None,
-                           "admission": adm, "slots": K, "k_fraction": frac, "cap": cap,
+                           "admission": adm, "rewarm_every": every, "slots": K,
+                           "k_fraction": frac, "cap": cap,
                            "rate": rate, **summarise(W, run, shape, L)}  # fmt: skip
                     if params is not None:
                         per, _ = decoded_quality(
@@ -882,7 +945,10 @@ def _main(args, t0: float) -> dict:
                       "max_prefill_tokens": args.max_prefill_tokens},
         "selection": None if args.no_selection else {"policy": sel.policy, "budget": sel.budget,
                                                      "miss_budget": sel.miss_budget},
-        "path_decay": args.path_decay, "rates": rates, "caps": caps, "k_fractions": fracs,
+        "path_decay": args.path_decay, "rewarm_every": rewarms,
+        "task_profiles": {"decay": 0.98, "learned_from": "decode steps served",
+                          "rewarm": "ExpertCache.prefetch of the running tasks' top-K experts"},
+        "rates": rates, "caps": caps, "k_fractions": fracs,
         "decoding": "teacher-forced (the next token is the text's next token)",
         "rows": rows, "seconds": round(time.time() - t0, 1),
         "device": f"cpu ({platform.processor() or platform.machine()})",
@@ -901,10 +967,15 @@ def _main(args, t0: float) -> dict:
 
 
 def label(row: dict) -> str:
-    """A row's system in one word: its eviction, with lynx+ and +overlap where they apply."""
+    """A row's system in one word: its eviction, with lynx+, +overlap and +rewarmN where they
+    apply."""
     base = "sglang" if row["system"].startswith("sglang") else row["eviction"]
+    return ("lynx+" if row["selection"] else "") + base + _variant(row)
+
+
+def _variant(row: dict) -> str:
     adm = "+overlap" if row.get("admission") == "overlap" else ""
-    return ("lynx+" if row["selection"] else "") + base + adm
+    return adm + (f"+rewarm{row['rewarm_every']}" if row.get("rewarm_every") else "")
 
 
 def print_report(result: dict) -> None:
@@ -923,7 +994,7 @@ def print_report(result: dict) -> None:
             a = r["quality"]["all"]
             lo, hi = a["ci95"]["ppl_rel_increase"]
             q = f"Δppl {100 * a['ppl_rel_increase']:+.2f}% [{100 * lo:+.2f},{100 * hi:+.2f}] {a['verdict']}"
-        evict = r["eviction"] + ("+overlap" if r.get("admission") == "overlap" else "")
+        evict = r["eviction"] + _variant(r)
         print(f"{r['slots']:>4}{r['cap']:>5}{r['rate']:>6g} {r['system']:<22}{evict:<13}"
               f"{r['mean_decode_batch']:>6.1f}{r['loads_per_decode_layer_step']:>7.2f}"
               f"{r.get('min_loads_per_decode_layer_step', float('nan')):>7.2f}"

@@ -206,3 +206,40 @@ def test_flat_forward_equals_the_model(workload):
         S = len(r.tokens)
         assert torch.allclose(sr.lm_logits(model, hidden[i]), out.logits[i, :S], atol=1e-4)
         assert torch.equal(W.ids[i][0], out.topk_ids[0][i, :S].long())
+
+
+def test_task_profiles_learn_each_tasks_experts_and_rank_the_running_mix():
+    prof = sr.TaskProfiles(sr.TASKS, 2, 8, every=4)
+    ids = torch.tensor([[1, 2], [1, 3], [5, 6]])
+    prof.learn(0, ids, ["code", "code", "prose"])
+    assert prof.hist["code"][0].tolist() == [0, 2, 1, 1, 0, 0, 0, 0]
+    assert prof.hist["prose"][0][[5, 6]].tolist() == [1, 1] and prof.hist["docs"].sum() == 0
+    assert prof.ranked(0, ["code"])[0] == 1
+    assert set(prof.ranked(0, ["prose"])[:2].tolist()) == {5, 6}
+    prof.learn(0, torch.tensor([[7, 7]]), ["code"])  # the old counts decay
+    assert prof.hist["code"][0][7] == 2 and prof.hist["code"][0][1] == pytest.approx(2 * 0.98)
+    assert prof.ranked(0, ["code"])[0] == 7
+    with pytest.raises(ValueError, match="re-warm every"):
+        sr.TaskProfiles(sr.TASKS, 2, 8, every=0)
+
+
+def test_rewarm_copies_are_loads_and_min_stays_below(workload):
+    """eMoE's periodic re-warm: every N decode steps the cache prefetches the running tasks'
+    experts; those copies are counted as loads (bytes), and MIN is still a lower bound."""
+    _, W = workload
+    K = W.num_experts // 2
+    system = sr.Ours(W, K, "lru", None, 4, rewarm=2)
+    run, _ = _serve(W, system)
+    run.slots = K
+    counts = np.stack(run.counts)
+    dec = np.array([k == "decode" for k in run.kind])
+    assert counts[~dec][..., sr.PREFETCHED].sum() == 0  # only decode steps re-warm
+    assert counts[dec][..., sr.PREFETCHED].sum() > 0
+    row = sr.summarise(W, run, SHAPES["qwen3-30b-a3b"], W.num_layers)
+    assert row["rewarm_loads_total"] == counts[..., sr.PREFETCHED].sum()
+    assert row["loads_total"] == counts[..., sr.MISSES].sum() + row["rewarm_loads_total"]
+    assert row["min_loads_total"] <= row["loads_total"]
+    assert 0 <= row["decode_steps_single_task"] <= 1
+    assert set(row["decode_steps_without_task"]) == set(sr.TASKS)
+    for r in W.requests:  # the re-warm changes residency, never what is served
+        assert run.generated[r.rid] == r.output

@@ -108,6 +108,9 @@ class Workload:
     num_layers: int
     flat: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # [L, N, .] all tokens
     offset: np.ndarray | None = None  # [R] each request's first row in ``flat``
+    # [L, N, k] the cross-layer prediction of layer l's experts (layer l's router on layer l-1's
+    # MoE input, as the server's --lynx-prefetch cross-layer predicts); row 0: -1
+    cross: torch.Tensor | None = None
 
     def rows(self, layer: int, index: torch.Tensor):
         """(logits [T, E], ids [T, k], weights [T, k]) of the flat rows ``index`` at ``layer``."""
@@ -183,14 +186,16 @@ def padded(requests: list[Request]) -> torch.Tensor:
     return x
 
 
-def forward_flat(model: MoEModel, requests: list[Request], hook=None, bucket: int = 16):
+def forward_flat(model: MoEModel, requests: list[Request], hook=None, bucket: int = 16,
+                 moe_inputs: list | None = None):  # fmt: skip
     """The model over every request's tokens, the MoE of each layer on all of them at once.
 
     Attention runs per request (right-padded buckets of similar length: causal, so padding is
     never seen); each MoE layer runs on the flat rows of every real token, requests in order
     (request i's position p is row offset[i] + p), and ``hook(layer, logits, ids, weights)``
     sees them as [1, N, .]: a schedule's steps can be selected across requests, as a server
-    batches them. Returns per request the last hidden states [S, H] (after the final norm)."""
+    batches them; ``moe_inputs`` (a list) receives each MoE layer's input [N, H]. Returns per
+    request the last hidden states [S, H] (after the final norm)."""
     c = model.config
     lengths = [len(r.tokens) for r in requests]
     offset = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
@@ -212,7 +217,10 @@ def forward_flat(model: MoEModel, requests: list[Request], hook=None, bucket: in
             for j, (x, (cos, sin)) in enumerate(zip(xs, rope)):
                 xs[j] = x = x + layer.self_attn(layer.input_layernorm(x), cos, sin)
                 flat[where[j]] = x[masks[j]]
-            y, _, _ = layer.mlp(layer.post_attention_layernorm(flat)[None], li, hook)
+            x_moe = layer.post_attention_layernorm(flat)
+            if moe_inputs is not None:
+                moe_inputs.append(x_moe)
+            y, _, _ = layer.mlp(x_moe[None], li, hook)
             for j, x in enumerate(xs):
                 x[masks[j]] += y[0, where[j]]
         out = [None] * len(requests)
@@ -232,14 +240,20 @@ def lm_logits(model: MoEModel, h: torch.Tensor) -> torch.Tensor:
 def route(model: MoEModel, requests: list[Request]) -> Workload:
     """The unmodified model's routing of every request's tokens (one pass, all requests)."""
     c = model.config
-    rec = _Record(c.num_hidden_layers)
-    forward_flat(model, requests, rec)
+    rec, inputs = _Record(c.num_hidden_layers), []
+    forward_flat(model, requests, rec, moe_inputs=inputs)
     flat = tuple(torch.stack([o[j] for o in rec.out]) for j in range(3))  # [L, N, .] each
+    k = c.num_experts_per_tok
+    cross = torch.full_like(flat[1], -1)
+    with torch.no_grad():
+        for li in range(1, c.num_hidden_layers):
+            logits = inputs[li - 1].float() @ model.layers[li].mlp.gate.weight.float().t()
+            cross[li] = logits.topk(k, dim=-1).indices
     lengths = [len(r.tokens) for r in requests]
     offset = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     views = [[t[:, o : o + S] for o, S in zip(offset, lengths)] for t in flat]  # per request
-    return Workload(requests, *views, c.num_experts, c.num_experts_per_tok, c.num_hidden_layers,
-                    flat, offset)  # fmt: skip
+    return Workload(requests, *views, c.num_experts, k, c.num_hidden_layers, flat, offset,
+                    cross)  # fmt: skip
 
 
 def arrivals(n: int, rate: float, seed: int) -> np.ndarray:
@@ -763,6 +777,8 @@ def summarise(W: Workload, run: Run, shape: Shape, traced_layers: int) -> dict:
         row["decode_steps_single_task"] = round(float(np.mean([len(m) == 1 for m in mix])), 4)
         row["decode_steps_without_task"] = {t: round(float(np.mean([t not in m for m in mix])), 4)
                                             for t in TASKS}  # fmt: skip
+    if W.cross is not None and dec.any():
+        row["predictors_per_layer"] = predictor_scores(W, run)
     if run.prediction:
         p = np.array(run.prediction)  # [M, 5]
         per = []
@@ -773,6 +789,40 @@ def summarise(W: Workload, run: Run, shape: Shape, traced_layers: int) -> dict:
                         "recall_at_K": round(float(q[:, 4].sum() / max(1, q[:, 3].sum())), 4)})  # fmt: skip
         row["path_prediction_per_layer"] = per
     return row
+
+
+def predictor_scores(W: Workload, run: Run) -> dict:
+    """Precision and recall per layer of two forecasts of a decode layer-step's experts (the
+    union of its rows' top-k, before selection), made before it runs: ``cross_layer`` (the
+    server's --lynx-prefetch cross-layer: this layer's router on the previous layer's MoE input,
+    per row) and ``previous_step`` (the set the previous decode step needed at this layer)."""
+    E, L = W.num_experts, W.num_layers
+    tally = np.zeros((2, L, 3))  # [predictor, layer, (|pred & need|, |pred|, |need|)]
+    prev = None
+    for rows, kind in zip(run.schedule, run.kind):
+        if kind != "decode":
+            continue
+        index = torch.from_numpy(np.array([W.offset[a] + b for a, b in rows], dtype=np.int64))
+        need = np.zeros((L, E), dtype=bool)
+        cross = np.zeros((L, E), dtype=bool)
+        for layer in range(L):
+            need[layer, W.flat[1][layer].index_select(0, index).reshape(-1).numpy()] = True
+            ids = W.cross[layer].index_select(0, index).reshape(-1).numpy()
+            cross[layer, ids[ids >= 0]] = True
+        for j, pred in enumerate((cross, prev)):
+            if pred is None:
+                continue
+            tally[j, :, 0] += (pred & need).sum(-1)
+            tally[j, :, 1] += pred.sum(-1)
+            tally[j, :, 2] += need.sum(-1)
+        prev = need
+
+    def per_layer(t: np.ndarray) -> list[dict | None]:
+        return [None if r[1] == 0 else {"precision": round(float(r[0] / r[1]), 4),
+                                        "recall": round(float(r[0] / max(1, r[2])), 4)}
+                for r in t]  # fmt: skip
+
+    return {"cross_layer": per_layer(tally[0]), "previous_step": per_layer(tally[1])}
 
 
 def run_slots(run: Run) -> int | None:

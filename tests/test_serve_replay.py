@@ -243,3 +243,27 @@ def test_rewarm_copies_are_loads_and_min_stays_below(workload):
     assert set(row["decode_steps_without_task"]) == set(sr.TASKS)
     for r in W.requests:  # the re-warm changes residency, never what is served
         assert run.generated[r.rid] == r.output
+
+
+def test_cross_layer_prediction_is_the_next_router_on_the_moe_input(workload):
+    """W.cross[l]: layer l's router on layer l-1's MoE input (the server's cross-layer
+    prediction), checked on the model's own forward; a forecast equal to the routing scores 1."""
+    model, W = workload
+    r = W.requests[1]
+    seen = []
+    handle = model.layers[0].mlp.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        model(r.tokens[None])
+    handle.remove()
+    want = (seen[0][0].float() @ model.layers[1].mlp.gate.weight.float().t()).topk(W.top_k).indices
+    got = W.cross[1][W.offset[r.rid] : W.offset[r.rid] + len(r.tokens)]
+    assert (got.sort(-1).values == want.sort(-1).values).float().mean() > 0.99  # fp ties aside
+    assert (W.cross[0] == -1).all()
+    run, _ = _serve(W, sr.Ours(W, 16, "lru", None, 4))
+    scores = sr.predictor_scores(W, run)
+    assert scores["cross_layer"][0] is None  # nothing predicts the first layer across layers
+    for p in scores["cross_layer"][1:] + scores["previous_step"]:
+        assert 0 < p["precision"] <= 1 and 0 < p["recall"] <= 1
+    exact = sr.Workload(**{**W.__dict__, "cross": W.flat[1]})  # a perfect forecast
+    assert all(p == {"precision": 1.0, "recall": 1.0}
+               for p in sr.predictor_scores(exact, run)["cross_layer"])  # fmt: skip

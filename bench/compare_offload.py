@@ -312,19 +312,23 @@ def replay(R: Routing, setup: Setup, params: SelectionParams, pre: dict, gates, 
 
 class _HostClock:
     """Host time of the cache's planning in a layer-step (``prepare`` with its one device->host
-    read and uploads, and ``end_step``): what an eager step makes the GPU wait for. The
-    selection is not in it: in the server it runs on the device (two kernel launches)."""
+    read and uploads, the later waves it plans on demand, and ``end_step``): what an eager step
+    makes the GPU wait for. The selection is not in it: in the server it runs on the device
+    (two kernel launches)."""
 
     def __init__(self, cache: ExpertCache) -> None:
         self.ns = 0
-        for name in ("prepare", "end_step"):
-            setattr(cache, name, self._timed(getattr(cache, name)))
+        cache.prepare = self._timed(cache.prepare, waves=True)
+        cache.end_step = self._timed(cache.end_step)
 
-    def _timed(self, fn):
+    def _timed(self, fn, waves: bool = False):
         def timed(*args, **kwargs):
             t0 = time.perf_counter_ns()
             try:
-                return fn(*args, **kwargs)
+                plan = fn(*args, **kwargs)
+                if waves:  # a multi-wave plan's later waves are planned as the step reaches them
+                    plan._rest = [self._timed(make) for make in plan._rest]
+                return plan
             finally:
                 self.ns += time.perf_counter_ns() - t0
 

@@ -5,6 +5,8 @@
 Per layer-step (time.perf_counter_ns around each call, after a warm-up; median and mean in µs):
   select    ``select_experts`` with the default ``SelectionParams()`` (torch backend on CPU);
   eager     ``ExpertCache.prepare`` with the eager executor, its waves included;
+  eager_lfu the same with LFU eviction: a policy with values, so a step needing more experts than
+            slots is planned to keep the best-valued ones (one wave more, at most);
   graph     ``ExpertCache.prepare`` with the graph executor (not captured);
   hybrid    the hybrid executor's host-planned path once graphs exist (a replay may have moved
             the device state): ``prepare`` + ``end_step``, its state pull and push included;
@@ -42,7 +44,7 @@ SHAPES = {"w13": (16, 8), "w2": (8, 8)}  # tiny experts: copies are negligible
 TARGET_US = 150.0  # eager prepare, per layer-step
 DEFAULT_OUT = "bench/results/host_overhead.json"
 DECODE = Step(decode=True)
-METRICS = ("select", "eager", "graph", "hybrid", "dispatch")
+METRICS = ("select", "eager", "eager_lfu", "graph", "hybrid", "dispatch")
 
 
 def noop_kernel(x, ids, w, experts):
@@ -131,6 +133,7 @@ def measure(T: int, E: int, K: int, steps: int, warmup: int, device: torch.devic
         return run
 
     eager = ExpertCache(store, K, device, TOP_K, executor="eager")
+    eager_lfu = ExpertCache(store, K, device, TOP_K, "lfu", executor="eager")
     graph = ExpertCache(store, K, device, TOP_K, executor="graph")
     hybrid = ExpertCache(store, K, device, TOP_K, executor="hybrid")
     hybrid.executor.graphs = True  # as after the server captured its decode graphs
@@ -151,12 +154,15 @@ def measure(T: int, E: int, K: int, steps: int, warmup: int, device: torch.devic
     row = {"T": T, "E": E, "K": K}
     row["select"] = _stats(_time(select, items, warmup, device))
     row["eager"] = _stats(_time(prepare_with(eager), selected, warmup, device))
+    row["eager_lfu"] = _stats(_time(prepare_with(eager_lfu), selected, warmup, device))
     row["graph"] = _stats(_time(prepare_with(graph), selected, warmup, device))
     row["hybrid"] = _stats(_time(hybrid_eager, selected, warmup, device))
     row["dispatch"] = _stats(_time(dispatch, items, warmup, device))
     c = eager.counters()["total"]
     row["eager_hit_rate"] = c["hit_rate"]
     row["eager_waves_per_step"] = c["waves"] / c["steps"]
+    c = eager_lfu.counters()["total"]
+    row["eager_lfu_waves_per_step"] = c["waves"] / c["steps"]
     row["distinct_per_step"] = c["distinct_per_step"]
     row["graph_overflow_steps"] = graph.counters()["total"]["overflow"]
     return row
@@ -242,20 +248,22 @@ def table(rows: list[dict], device: torch.device) -> list[str]:
         f"host overhead per MoE layer-step (µs, median; means in the JSON) on {device.type}; "
         f"top-k {TOP_K}",
         where,
-        f"{'T':>3} {'E':>4} {'K':>3} | {'select':>7} | {'eager':>7} | {'graph':>7} | "
-        f"{'hybrid':>7} | {'dispatch':>8} | hit% waves",
+        f"{'T':>3} {'E':>4} {'K':>3} | {'select':>7} | {'eager':>7} | {'lfu':>7} | {'graph':>7} | "
+        f"{'hybrid':>7} | {'dispatch':>8} | hit% waves (lfu)",
     ]
     for r in rows:
         lines.append(
             f"{r['T']:>3} {r['E']:>4} {r['K']:>3} | {_cell(r['select'])} | {_cell(r['eager'])} | "
-            f"{_cell(r['graph'])} | {_cell(r['hybrid'])} | {_cell(r['dispatch']):>8} | "
-            f"{100 * r['eager_hit_rate']:3.0f} {r['eager_waves_per_step']:5.2f}"
+            f"{_cell(r['eager_lfu'])} | {_cell(r['graph'])} | {_cell(r['hybrid'])} | "
+            f"{_cell(r['dispatch']):>8} | {100 * r['eager_hit_rate']:3.0f} "
+            f"{r['eager_waves_per_step']:5.2f} ({r['eager_lfu_waves_per_step']:.2f})"
         )
     lines.append(
         "select: select_experts (skipped by the layer step below min_batch=2); dispatch: "
         "moe_layer_step,"
     )
     lines.append("  selection on + eager cache + a no-op kernel; prepare includes its later waves;")
+    lines.append("  lfu: the eager executor with LFU eviction (values: multi-wave steps planned);")
     lines.append("  hybrid: its host-planned path with graphs captured (state pull and push);")
     lines.append("  a captured decode step (graph replay) has no host planning: 0 µs")
     return lines

@@ -136,6 +136,31 @@ def test_a_multi_wave_step_leaves_the_experts_the_policy_values_most_resident():
     assert resident(cache) == {2, 4, 7, 9}  # the four valued misses stay
 
 
+def test_a_planned_multi_wave_step_keeps_the_best_valued_hit_within_one_extra_wave():
+    """With values, the waves keep the best of the resident experts and the misses, as Belady's
+    MIN keeps the nearest next uses: the top-valued hit (2) is never overwritten by the step's
+    own fills (cutting hits-then-misses into waves would lose it). Each expert that stays
+    protects its slot, so the step keeps only as many residents as leave it within one wave of
+    the fewest (here 3 for 8 experts in 4 slots): 3 is given up for a miss. Every miss is still
+    loaded once, and the output is exact."""
+    store, weights = make_store(num_layers=1, num_experts=16)
+    cache = ExpertCache(store, 4, "cpu", 2, eviction="path", path_decay=0.5, max_requests=1)
+    cache.prepare(0, ids([0, 1], [2, 3]))  # resident: 0, 1, 2, 3
+    cache.counters(reset=True)
+    # request row 1's prompt: values 2 = 3 > 9 > 5 > every other expert
+    path = cache.executor.eviction_policy
+    prompt = ids([2, 3], [2, 3], [2, 3], [9, 5], [9, 11])
+    path.observe_requests(0, torch.ones(5, dtype=torch.long), prompt, False)
+    topk_ids = ids([0, 2], [5, 6], [7, 8], [9, 10])  # 8 experts: hits 0, 2; six misses
+    topk_w = torch.full((4, 2), 0.5)
+    x = torch.randn(4, H)
+    out = forward(cache, 0, x, topk_ids, topk_w)
+    assert_close(out, fused_moe_ref(x, *weights[0], topk_ids, topk_w))
+    c = cache.counters()["total"]
+    assert (c["waves"], c["misses"], c["hits"]) == (3, 6, 2)
+    assert resident(cache) == {2, 5, 6, 9}
+
+
 def test_padding_ids_stay_padding():
     store, _ = make_store(num_layers=1)
     cache = ExpertCache(store, 4, "cpu", 2)

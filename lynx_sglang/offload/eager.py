@@ -166,30 +166,85 @@ class EagerExecutor:
             self._place(layer, pool, needed, busy_copy, slot_of)
             self._upload()
             return Plan(Wave(self._translate(layer, idx, topk_ids, topk_ids.dtype)))
-        chunks = self._wave_chunks(layer, needed, resident, capacity)
+        chunks, stay = self._wave_chunks(layer, pool, needed, resident, capacity, busy_copy)
         self._count_step(layer, n_needed, n_hit, len(chunks))
-        waves = [self._make_wave(layer, pool, c, busy_copy, idx, topk_ids) for c in chunks]
+        waves = [self._make_wave(layer, pool, c, busy_copy, stay, idx, topk_ids) for c in chunks]
         return Plan(waves[0](), waves[1:])
 
     def _wave_chunks(
-        self, layer: int, needed: np.ndarray, resident: np.ndarray, capacity: int
-    ) -> list[np.ndarray]:
-        """A step's experts cut into waves of at most ``capacity``, in the order they run.
+        self, layer: int, pool: int, needed: np.ndarray, resident: np.ndarray, capacity: int,
+        busy_copy: np.ndarray,
+    ) -> tuple[list[np.ndarray], tuple[np.ndarray, np.ndarray] | None]:  # fmt: skip
+        """A step's experts cut into waves, in the order they run, and what the plan keeps.
 
-        Resident experts go first: they cost nothing now, and a wave protects only its own
-        experts, so a hit placed after a wave of misses could be evicted before its use. The
-        misses follow in ascending eviction value. Every miss is loaded once whatever the order,
-        but what stays is the last wave plus what its fills did not overwrite (the policy's
-        highest-valued slots), so the experts the policy values most for the next step (the
-        running requests' predicted routing, with ``path``) end resident, the low-valued ones
-        overwritten. A policy without values (LRU) keeps the id order.
+        Every miss is loaded once whatever the plan; the plan decides what stays. Resident
+        experts run first (a hit placed after a wave of misses could be evicted before its use).
+        A policy without values (LRU) cuts hits, then misses, in id order into waves of
+        ``capacity``; the last wave stays. A policy with values plans the end of the step the
+        way Belady's MIN does, with its values standing in for the future: the ``capacity``
+        highest-valued of the pool's occupied slots and the step's misses (the running
+        requests' predicted routing, with ``path``) are kept, ``stay``, and never evicted by
+        the step's own fills. The others run first, through the slots ``stay`` leaves free.
+        The fewer the misses among ``stay``, the fewer those slots and the more waves, so at
+        least ``m`` misses stay, the smallest ``m`` that keeps the step within one wave more
+        than the fewest it can run in. Returns (waves, stay), ``stay`` = (the misses that stay,
+        the held slots that stay [K + 1] bool), or None.
         """
-        misses = needed[~resident]
+        hits, misses = needed[resident], needed[~resident]
         value = self.eviction_policy.value(np.full(len(misses), layer), misses)
-        if value is not None:
-            misses = misses[np.argsort(value, kind="stable")]
-        ordered = np.concatenate([needed[resident], misses])
-        return [ordered[i : i + capacity] for i in range(0, len(ordered), capacity)]
+        if value is None:
+            ordered = np.concatenate([hits, misses])
+            return [ordered[i : i + capacity] for i in range(0, len(ordered), capacity)], None
+        K, C, n_hit, n_miss = self.K, capacity, len(hits), len(misses)
+        sl, se = self._sl[pool], self._se[pool]
+        primary, secondary = self.eviction_policy.keys(sl, se, self._lu[pool])
+        held = np.flatnonzero((sl >= 0) & ~busy_copy[:K])  # occupied, settled slots
+        used_now = np.zeros(K, dtype=bool)
+        used_now[self._rows[layer][hits]] = True
+        # the candidates, held slots then misses, ranked best first by (value, last use);
+        # what the step uses now counts as used last
+        p = np.concatenate([np.asarray(primary, dtype=np.float64)[held], value])
+        q = np.concatenate([np.where(used_now[held], self.clock, secondary[held]),
+                            np.full(n_miss, self.clock)])  # fmt: skip
+        rank = np.lexsort((-q, -p))
+        is_miss = rank >= len(held)
+        is_hit = np.zeros(len(rank), dtype=bool)
+        is_hit[~is_miss] = used_now[held[rank[~is_miss]]]
+        # stay: the C best; s more misses stay by dropping the s lowest-ranked non-misses
+        misses0 = int(np.count_nonzero(is_miss[:C]))
+        dropped = np.flatnonzero(~is_miss[:C])[::-1]  # lowest-ranked first
+        hits_dropped = np.concatenate([[0], np.cumsum(is_hit[dropped])])
+        hits0 = int(np.count_nonzero(is_hit[:C]))
+        others0 = min(C, len(rank)) - misses0 - hits0
+
+        def loads(m: int) -> list[int]:  # misses each wave loads when m misses stay
+            d = int(hits_dropped[m - misses0])
+            return _wave_loads(C, n_hit, n_miss, m, hits0 - d, others0 - (m - misses0 - d))
+
+        fewest = -(-(n_hit + n_miss) // C)
+        lo, hi = max(1, misses0), min(n_miss, C)
+        while lo < hi:  # the fewest staying misses within one extra wave (monotone in m)
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if len(loads(mid)) <= fewest + 1 else (mid + 1, hi)
+        stay = np.zeros(len(rank), dtype=bool)
+        stay[:C] = True
+        stay[dropped[: lo - misses0]] = False
+        stay[np.flatnonzero(~stay & is_miss)[: lo - misses0]] = True
+        stays = np.zeros(len(rank), dtype=bool)
+        stays[rank] = stay  # candidate order
+        miss_stays = stays[len(held) :]
+        by_value = np.argsort(value, kind="stable")
+        ordered = misses[
+            np.concatenate([by_value[~miss_stays[by_value]], by_value[miss_stays[by_value]]])
+        ]
+        chunks, at = [], 0
+        for take in loads(lo):
+            chunks.append(ordered[at : at + take])
+            at += take
+        chunks[0] = np.concatenate([hits, chunks[0]])
+        held_slots = np.zeros(K + 1, dtype=bool)  # [K + 1]: held slots that stay
+        held_slots[held[stays[: len(held)]]] = True
+        return chunks, (misses[miss_stays], held_slots)
 
     def _count_step(self, layer: int, needed: int, hits: int, waves: int) -> None:
         row = self.counters.host[layer]
@@ -286,13 +341,21 @@ class EagerExecutor:
         pool: int,
         experts: np.ndarray,
         keep: np.ndarray,
+        stay: tuple[np.ndarray, np.ndarray] | None,
         idx,
         topk_ids: torch.Tensor,
     ):
-        """A deferred wave: its fills are issued when the caller reaches it."""
+        """A deferred wave: its fills are issued when the caller reaches it, never over the
+        slots of ``stay`` (``_wave_chunks``) that are resident by then."""
 
         def make() -> Wave:
-            used = self._place(layer, pool, experts, keep)
+            protect = keep
+            if stay is not None:
+                stay_misses, held_slots = stay
+                protect = held_slots | keep
+                slots = self._rows[layer][stay_misses]
+                protect[slots[slots >= 0]] = True
+            used = self._place(layer, pool, experts, protect)
             stage = self._next_staging()
             wave_map, wave_mask = stage[self.L], stage[self.L + 1]
             wave_map.fill(used[0])  # choices of other waves point at a filled slot
@@ -485,6 +548,21 @@ _NP = {
     torch.int32: np.dtype(np.int32),
     torch.int64: np.dtype(np.int64),
 }
+
+
+def _wave_loads(capacity: int, hits: int, misses: int, misses_stay: int, hits_stay: int,
+                others_stay: int) -> list[int]:  # fmt: skip
+    """Misses each wave of a planned multi-wave step loads (``EagerExecutor._wave_chunks``):
+    the first wave runs every hit and fills the slots no staying resident holds; each later
+    wave fills the slots of the staying misses not loaded yet (the staying misses run last)."""
+    out = [min(capacity - hits - others_stay, misses)]
+    done = out[0]
+    while done < misses:
+        loaded = max(0, done - (misses - misses_stay))
+        take = min(capacity - hits_stay - others_stay - loaded, misses - done)
+        out.append(take)
+        done += take
+    return out
 
 
 def _np_dtype(dtype: torch.dtype) -> np.dtype:

@@ -197,6 +197,9 @@ class CacheParams:
     lfu_decay: float = 0.9
     # path eviction: decay of each running request's histogram of its own choices
     path_decay: float = 0.95
+    # path eviction: a learned routing-path predictor (python -m bench.train_path_predictor
+    # writes <model>/path_predictor.pt); "": the history alone
+    path_predictor: str = ""
     # Prefetch copied more bytes than it saved on the shipped model's routing
     # (bench/compare_offload.py), so it is off unless asked for.
     prefetch: str = "off"
@@ -231,6 +234,13 @@ class CacheParams:
             raise ConfigError(f"--lynx-lfu-decay must be in [0, 1], got {self.lfu_decay}")
         if not 0.0 <= self.path_decay < 1.0:
             raise ConfigError(f"--lynx-path-decay must be in [0, 1), got {self.path_decay}")
+        if self.path_predictor and self.eviction != "path":
+            raise ConfigError("--lynx-path-predictor is read by --lynx-eviction path only; add it")
+        if self.path_predictor and not os.path.isfile(self.path_predictor):
+            raise ConfigError(
+                f"--lynx-path-predictor {self.path_predictor}: no such file (python -m "
+                "bench.train_path_predictor --model <model> writes <model>/path_predictor.pt)"
+            )
         _choice("prefetch", self.prefetch, PREFETCHES)
         _choice("executor", self.executor, EXECUTORS)
         _choice("admission", self.admission, ADMISSIONS)
@@ -441,6 +451,8 @@ _HELP = {
     "(the running requests' own routing: what they are least likely to route to next goes first)",
     "lfu_decay": "per-step decay of LFU frequencies",
     "path_decay": "path eviction: per-token decay of each running request's routing history",
+    "path_predictor": "path eviction: a learned routing-path predictor file (python -m "
+    "bench.train_path_predictor writes <model>/path_predictor.pt; empty: the history alone)",
     "admission": "waiting-queue order: SGLang's (fcfs), or overlap: requests whose prompt, read "
     "by each layer's router on its embeddings, routes most to the resident experts go first",
     "admission_max_passed": "overlap admission: a request passed over this many times by later "

@@ -125,7 +125,9 @@ def moe_layer_step(
         votes = predict_votes(
             x, cache.router(layer + 1), ids.shape[1], keep, step, sim, cache.routing(layer + 1)
         )
-    plan = cache.prepare(layer, ids, scores, votes, step.captured, step.requests, step.decode)
+    plan = cache.prepare(
+        layer, ids, scores, votes, step.captured, step.requests, step.decode, router_logits
+    )
     # 5. the fused kernel once per wave (one unless the step needs more experts than slots)
     experts = cache.slot_weights(layer)
     out = None

@@ -115,26 +115,39 @@ def test_the_eager_executor_refuses_a_capture():
 # ---------------------------------------------------------------- GPU: a real CUDA graph
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_captured_hybrid_step_replays_bit_for_bit():
+@pytest.mark.parametrize("eviction", ["lfu", "learned"])
+def test_captured_hybrid_step_replays_bit_for_bit(eviction):
     """A decode step captured in a CUDA graph and replayed on new routing gives bit-for-bit the
     output of the same step run eagerly (device path) and of the resident layer's kernel; eager
-    steps in between (waves) and replays share the one state; nothing is ever NaN."""
+    steps in between (waves) and replays share the one state; nothing is ever NaN. "learned":
+    path eviction reading a learned predictor (request rows and router logits inside the graph),
+    whose forecasts the replays update exactly as the eager twin's steps do."""
+    from lynx_sglang.offload.path import PathPredictor
+
     store, weights = make_store(num_layers=1, num_experts=E)
     kernel = _dense_kernel
-    cache = ExpertCache(store, K, "cuda", TOP_K, executor="hybrid", eviction="lfu")
-    twin = ExpertCache(store, K, "cuda", TOP_K, executor="hybrid", eviction="lfu")
     cap = K // TOP_K
+    kw = dict(executor="hybrid", eviction="lfu")
+    requests = None
+    if eviction == "learned":
+        g0 = torch.Generator().manual_seed(5)
+        pred = PathPredictor(0.1 * torch.randn(1, E, 3 * E, generator=g0), torch.zeros(1, E), 0.95)
+        kw = dict(executor="hybrid", eviction="path", path_predictor=pred, max_requests=cap)
+        requests = torch.arange(1, cap + 1, device="cuda")
+    cache = ExpertCache(store, K, "cuda", TOP_K, **kw)
+    twin = ExpertCache(store, K, "cuda", TOP_K, **kw)
     x = torch.randn(cap, H, device="cuda")
     logits = torch.randn(cap, E, device="cuda")
     w, ids = logits.softmax(-1).topk(TOP_K)
     ids, w = ids.to(torch.int32), w / w.sum(-1, keepdim=True)
     nv = torch.tensor(cap, device="cuda")
-    step = Step(decode=True, num_valid=nv)
+    step = Step(decode=True, num_valid=nv, requests=requests)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm-up, as SGLang runs before capturing
         moe_layer_step(0, x, ids, w, logits, kernel, step, cache=cache)
     torch.cuda.current_stream().wait_stream(s)
+    moe_layer_step(0, x, ids, w, logits, kernel, step, cache=twin)  # the same history
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = moe_layer_step(0, x, ids, w, logits, kernel, step, cache=cache)
@@ -149,6 +162,8 @@ def test_captured_hybrid_step_replays_bit_for_bit():
         resident = kernel(x, ids, w, {"w13": w13, "w2": w2})
         assert not torch.isnan(out).any()
         assert torch.equal(out, eager_twin) and torch.equal(out, resident)
+        if requests is not None:  # the captured forecast is the eager one's
+            torch.testing.assert_close(cache.requests.next, twin.requests.next)
         if n % 2:  # an eager (host-planned) prefill-sized step in between, in waves
             big_ids = torch.randperm(E, generator=g)[: 4 * TOP_K].view(4, TOP_K).to(torch.int32)
             bx, bw = torch.randn(4, H).cuda(), torch.full((4, TOP_K), 0.5).cuda()

@@ -11,7 +11,7 @@ from offload_helpers import H, forward, make_store, one_thread  # noqa: F401 (au
 from lynx_sglang.config import CacheParams, ConfigError
 from lynx_sglang.moe import fused_moe_ref
 from lynx_sglang.offload import ExpertCache
-from lynx_sglang.offload.path import RequestHistory, RequestPathPolicy
+from lynx_sglang.offload.path import PathPredictor, RequestHistory, RequestPathPolicy
 
 
 def ids(*rows: list[int]) -> torch.Tensor:
@@ -111,3 +111,121 @@ def test_requests_must_match_the_rows_and_be_reserved():
 def test_path_decay_is_checked():
     with pytest.raises(ConfigError, match="--lynx-path-decay"):
         CacheParams(eviction="path", path_decay=1.0)
+
+
+# ------------------------------------------------------------ the learned routing-path predictor
+def identity_predictor(L: int, E: int, decay: float, probs_weight: float = 0.0) -> PathPredictor:
+    """weight 1 on logit(p): the history's own estimate (plus ``probs_weight`` x the softmax)."""
+    w = torch.zeros(L, E, 3 * E)
+    w[:, :, :E] = torch.eye(E)
+    w[:, :, E : 2 * E] = probs_weight * torch.eye(E)
+    return PathPredictor(w, torch.zeros(L, E), decay)
+
+
+def _steps(g: torch.Generator, E: int, k: int):
+    """A prefill of requests 1, 2 (three rows each), then decode steps of both or one."""
+    out = [(reqs(1, 1, 1, 2, 2, 2), False)] + [(reqs(1, 2), True)] * 3 + [(reqs(2), True)] * 2
+    for rows, decode in out:
+        topk = torch.stack([torch.randperm(E, generator=g)[:k] for _ in rows]).int()
+        yield rows, topk, torch.randn(len(rows), E, generator=g), decode
+
+
+def test_an_identity_predictor_is_the_history_and_a_learned_one_reads_the_router():
+    """With weight 1 on logit(p) the predictor returns the history's estimate, so the values are
+    path eviction's own; a weight on the router's softmax moves them (the router is read)."""
+    g = torch.Generator().manual_seed(0)
+    E, k, d = 10, 2, 0.8
+    plain = RequestHistory(1, E, "cpu", d, rows=4)
+    same = RequestHistory(1, E, "cpu", d, rows=4, predictor=identity_predictor(1, E, d))
+    moved = RequestHistory(1, E, "cpu", d, rows=4, predictor=identity_predictor(1, E, d, 3.0))
+    for rows, topk, logits, decode in _steps(g, E, k):
+        want = plain.observe(0, rows, topk, decode)
+        for h in (same, moved):
+            h.note_router(logits)
+        torch.testing.assert_close(same.observe(0, rows, topk, decode), want, atol=2e-4, rtol=0)
+        got = moved.observe(0, rows, topk, decode)
+        assert (got - want).abs().max() > 0.05
+    # the forecast of request 2 (the last step's only row): the map of its latest token
+    p = (1 - d) * plain.hist[2, 0]
+    chosen = torch.zeros(E).index_fill_(0, topk[0].long(), 1.0)
+    expect = moved.predictor(0, p[None], torch.softmax(logits, -1), chosen[None])[0]
+    torch.testing.assert_close(moved.next[2, 0], expect)
+    with pytest.raises(RuntimeError, match="router logits"):  # a step without them is refused
+        moved.observe(0, rows, topk, True)
+
+
+def test_training_rows_are_what_the_server_history_holds():
+    """bench.train_path_predictor's rows equal RequestHistory's state at each decode step of one
+    request: the p it predicts from, the latest token's softmax and choices, the next choices."""
+    from bench.train_path_predictor import request_features
+
+    g = torch.Generator().manual_seed(1)
+    E, k, d, P, n_out = 12, 3, 0.9, 5, 7
+    ids_ = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(P + n_out - 1)])
+    logits = torch.randn(P + n_out - 1, E, generator=g)
+    p, probs, chosen, target = request_features(ids_, logits, P, n_out, d, E)
+    hist = RequestHistory(1, E, "cpu", d, rows=2)
+    hist.observe(0, reqs(*[1] * P), ids_[:P], False)
+    for j, t in enumerate(range(P, P + n_out - 1)):
+        torch.testing.assert_close(p[j], (1 - d) * hist.hist[1, 0])
+        torch.testing.assert_close(probs[j], torch.softmax(logits[t - 1], -1))
+        assert chosen[j].nonzero().flatten().tolist() == sorted(ids_[t - 1].tolist())
+        assert target[j].nonzero().flatten().tolist() == sorted(ids_[t].tolist())
+        hist.observe(0, reqs(1), ids_[t : t + 1], True)
+
+
+def _predictor_file(tmp_path, L: int, E: int, decay: float, favour: list[int]) -> str:
+    """A predictor that forecasts ``favour`` for every request, whatever it routed to."""
+    bias = torch.full((L, E), -8.0)
+    bias[:, favour] = 8.0
+    path = tmp_path / "path_predictor.pt"
+    PathPredictor(torch.zeros(L, E, 3 * E), bias, decay).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("executor", ["eager", "graph", "hybrid"])
+def test_a_learned_predictor_decides_eviction_through_every_executor(tmp_path, executor):
+    """Loaded from its file through the config: the experts it forecasts stay resident, the
+    history's own choice would not keep them, and the outputs stay the resident layer's."""
+    store, weights = make_store(num_layers=1, num_experts=12)
+    steps = [(ids([6, 7]), reqs(1), False)] + [(ids(e), reqs(1), True) for e in ([0, 1], [2, 3], [4, 5])]
+    g = torch.Generator().manual_seed(0)
+
+    def serve(cache):
+        cache.reserve_requests(3)
+        for topk, rows, decode in steps:
+            x, w = torch.randn(1, H, generator=g), torch.full(topk.shape, 0.5)
+            logits = torch.randn(1, 12, generator=g)
+            plan = cache.prepare(0, topk, None, None, executor == "graph" and decode, rows, decode,
+                                 logits)  # fmt: skip
+            out = sum(fused_moe_ref(x, *cache.slot_weights(0).values(), wave.slot_ids,
+                                    wave.weights(w)) for wave in plan)  # fmt: skip
+            assert torch.allclose(out, fused_moe_ref(x, *weights[0], topk, w), atol=1e-5)
+            cache.end_step(0)
+        return set(torch.nonzero(cache.resident_mask(0)).flatten().tolist())
+
+    file = _predictor_file(tmp_path, 1, 12, 0.5, [6, 7])
+    params = CacheParams(slots=4, eviction="path", executor=executor, prefetch="off",
+                         path_decay=0.5, path_predictor=file)  # fmt: skip
+    learned = ExpertCache.from_config(store, params, "cpu", 2)
+    plain = ExpertCache(store, 4, "cpu", 2, eviction="path", executor=executor, path_decay=0.5)
+    assert serve(learned) == {4, 5, 6, 7}  # the forecast 6, 7 outlive 0..3
+    assert serve(plain) == {2, 3, 4, 5}  # the history: 6, 7 decayed to 0, 1's value, older
+
+
+def test_a_path_predictor_is_refused_in_one_line_where_it_cannot_serve(tmp_path):
+    file = _predictor_file(tmp_path, 2, 16, 0.95, [0])
+    with pytest.raises(ConfigError, match="--lynx-eviction path only"):
+        CacheParams(eviction="lru", path_predictor=file)
+    with pytest.raises(ConfigError, match="no such file"):
+        CacheParams(eviction="path", path_predictor=str(tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match="trained for 2 MoE layers of 16 experts"):
+        PathPredictor.load(file, 4, 16, 0.95)
+    with pytest.raises(ValueError, match="pass --lynx-path-decay 0.95"):
+        PathPredictor.load(file, 2, 16, 0.9)
+    (tmp_path / "junk.pt").write_bytes(b"not a predictor")
+    with pytest.raises(ValueError, match="cannot read"):
+        PathPredictor.load(tmp_path / "junk.pt", 2, 16, 0.95)
+    with pytest.raises(ValueError, match="--lynx-eviction path only"):
+        ExpertCache(make_store(num_layers=2, num_experts=16)[0], 4, "cpu", 2,
+                    path_predictor=PathPredictor.load(file, 2, 16, 0.95))  # fmt: skip

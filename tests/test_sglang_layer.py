@@ -496,3 +496,56 @@ def test_path_eviction_reads_each_rows_request_through_sglangs_forward(sglang_la
     torch.testing.assert_close(out[:1], moe_stock(x3[:1], real), atol=2e-5, rtol=1e-4)
     assert history.active.sum() == 1 and history.active[rows[1]] == 1
     assert history.hist[0].abs().sum() == 0  # the padding row holds nothing
+
+
+def test_a_learned_path_predictor_reads_sglangs_router_logits(sglang_layers, weights, stock, tmp_path):
+    """``--lynx-path-predictor``: SGLang's TopK output carries the router logits through the
+    wrapped quant method to the cache, and the history's forecast of each running request is the
+    predictor's map of that request's latest token (its p, softmax, choices). Outputs stay exact."""
+    from types import SimpleNamespace
+
+    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from lynx_sglang.offload.path import PathPredictor
+    from lynx_sglang.sglang import hooks
+
+    moe_stock, topk = stock
+    E = weights["w1"].shape[0]
+    g = torch.Generator().manual_seed(3)
+    file = tmp_path / "path_predictor.pt"
+    PathPredictor(torch.randn(1, E, 3 * E, generator=g), torch.randn(1, E, generator=g), 0.95).save(file)
+    runtime = runtime_for(weights, mode="offload", slots=16, prefetch="off", eviction="path",
+                          path_predictor=str(file))  # fmt: skip
+    moe, _ = build(sglang_layers, weights, runtime)
+    pool = ReqToTokenPool(size=4, max_context_len=64, device="cpu", enable_memory_saver=False)
+    rows = pool.alloc_rows(2)
+    runner = SimpleNamespace(is_draft_worker=False, req_to_token_pool=pool)
+    history = runtime.cache.requests
+    pred = history.predictor
+
+    def forward(runner, batch, x, routed):
+        torch.testing.assert_close(moe(x, routed), moe_stock(x, routed), atol=2e-5, rtol=1e-4)
+
+    req = torch.tensor(rows)
+    x, logits = inputs(weights, 7, tokens=6)
+    routed = topk.forward_native(x, logits)
+    prefill = SimpleNamespace(forward_mode=ForwardMode.EXTEND, batch_size=2, req_pool_indices=req,
+                              extend_seq_lens=torch.full((2,), 3), extend_num_tokens=6)  # fmt: skip
+    x2, logits2 = inputs(weights, 8, tokens=2)
+    routed2 = topk.forward_native(x2, logits2)
+    decode = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=2, req_pool_indices=req)
+    with activated(runtime):
+        hooks.around_forward_raw(forward, runner, prefill, x, routed)
+        for i, r in enumerate(rows):  # the first decode token: from the prompt's last row
+            last = 3 * i + 2
+            chosen = torch.zeros(1, E).index_fill_(1, routed.topk_ids[last].long(), 1.0)
+            want = pred(0, (1 - history.decay) * history.hist[r, 0][None],
+                        torch.softmax(logits[last : last + 1], -1), chosen)  # fmt: skip
+            torch.testing.assert_close(history.next[r, 0], want[0])
+        hooks.around_forward_raw(forward, runner, decode, x2, routed2)
+    for i, r in enumerate(rows):
+        chosen = torch.zeros(1, E).index_fill_(1, routed2.topk_ids[i].long(), 1.0)
+        want = pred(0, (1 - history.decay) * history.hist[r, 0][None],
+                    torch.softmax(logits2[i : i + 1], -1), chosen)  # fmt: skip
+        torch.testing.assert_close(history.next[r, 0], want[0])

@@ -26,7 +26,7 @@ from .eager import EagerExecutor
 from .eviction import make_policy
 from .graph import GraphExecutor
 from .hybrid import HybridExecutor
-from .path import RequestHistory, RequestPathPolicy
+from .path import PathPredictor, RequestHistory, RequestPathPolicy
 from .plan import Plan
 from .slots import SlotStorage
 from .store import HostExpertStore
@@ -50,6 +50,7 @@ class Executor(Protocol):
         captured: bool,
         requests: torch.Tensor | None = None,
         decode: bool = False,
+        router_logits: torch.Tensor | None = None,
     ) -> Plan: ...
 
     def end_step(self, layer: int) -> None: ...
@@ -81,6 +82,7 @@ class ExpertCache:
         gather_backend: str = "auto",
         path_decay: float = 0.95,
         max_requests: int = 0,
+        path_predictor: PathPredictor | None = None,
     ) -> None:
         L, E = store.num_layers, store.num_experts
         if top_k < 1 or top_k > E:
@@ -116,8 +118,11 @@ class ExpertCache:
         self._counters = Counters(L)
         # path eviction: the running requests' routing, one history for both executors
         self.requests = None
+        if path_predictor is not None and eviction != "path":
+            raise ValueError("--lynx-path-predictor is read by --lynx-eviction path only")
         if eviction == "path":
-            self.requests = RequestHistory(L, E, self.device, path_decay, max_requests + 1 if max_requests else 0)
+            rows = max_requests + 1 if max_requests else 0
+            self.requests = RequestHistory(L, E, self.device, path_decay, rows, path_predictor)
 
         def policy(like):
             if self.requests is not None:
@@ -146,6 +151,11 @@ class ExpertCache:
     ) -> ExpertCache:  # fmt: skip
         """Build from the cache section of the plugin config (``slots=0``: all resident)."""
         c = cfg if isinstance(cfg, CacheParams) else cfg.cache
+        predictor = None
+        if c.path_predictor:
+            predictor = PathPredictor.load(
+                c.path_predictor, store.num_layers, store.num_experts, c.path_decay
+            )
         return cls(
             store,
             slots=c.slots or store.num_experts,
@@ -154,6 +164,7 @@ class ExpertCache:
             eviction=c.eviction,
             lfu_decay=c.lfu_decay,
             path_decay=c.path_decay,
+            path_predictor=predictor,
             slot_pool=c.slot_pool,
             executor=c.executor,
             prefetch=c.prefetch,
@@ -174,6 +185,7 @@ class ExpertCache:
         captured: bool = False,
         requests: torch.Tensor | None = None,
         decode: bool = False,
+        router_logits: torch.Tensor | None = None,
     ) -> Plan:
         """Make the experts of ``topk_ids`` [T, k] (-1: padding) resident; returns the waves.
 
@@ -183,7 +195,8 @@ class ExpertCache:
         ``end_step`` starts. ``captured``: the step is being captured in a CUDA graph: only the
         device-side planning can serve it (graph or hybrid executor; eager raises).
         ``requests`` [T]: the request row of each row of ``topk_ids`` (SGLang's req_pool_idx;
-        0: padding), on a ``decode`` step or a prefill; path eviction learns from them.
+        0: padding), on a ``decode`` step or a prefill; path eviction learns from them, and a
+        learned path predictor also reads the step's ``router_logits`` [T, E].
         """
         if requests is not None and self.requests is not None:
             if requests.shape[0] != topk_ids.shape[0]:
@@ -191,6 +204,8 @@ class ExpertCache:
                     f"expert cache: {requests.shape[0]} request rows for {topk_ids.shape[0]} "
                     "routed rows"
                 )
+            if router_logits is not None:
+                self.requests.note_router(router_logits)
         else:
             requests = None
         return self.executor.prepare(layer, topk_ids, scores, votes, captured, requests, decode)

@@ -13,6 +13,11 @@ at its next token. An expert's value is the chance that at least one running req
 it, 1 - prod_r (1 - p[r, l, e]); the lowest value is evicted first, least recently used on ties.
 The running requests are the latest decode step's rows, joined by each prefill's requests.
 
+With a learned ``PathPredictor`` (ExpertFlow's routing-path predictor; trained by ``python -m
+bench.train_path_predictor`` on recorded routing), p[r, l] is instead the predictor's forecast
+from three [E] features of r's latest token at layer l: the history's p, the router's softmax,
+and the experts it chose. The value is formed the same way.
+
 ``RequestHistory`` holds H on the step's device as torch tensors, updated by indexing and
 scatter only (no host read, so a captured decode graph replays the update); row 0 is scratch:
 SGLang pads a captured batch with request row 0, which no request is given. One history serves
@@ -27,19 +32,98 @@ import torch
 from .eviction import Array, EvictionPolicy, zeros
 
 PADDING_ROW = 0  # SGLang's ReqToTokenPool: cuda-graph padding rows read request row 0
+PREDICTOR_FILE = "path_predictor.pt"  # beside a model's config.json: the file the script writes
+
+
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(1e-4, 1.0 - 1e-4)
+    return torch.log(p) - torch.log1p(-p)
+
+
+class PathPredictor:
+    """Per MoE layer, a logistic map of a request's latest token to its next token's experts.
+
+    ``weight`` [L, E, 3E] and ``bias`` [L, E] read the features [logit(p), softmax(router
+    logits), chosen] of one token (each [E]; p is the decayed history's estimate at ``decay``);
+    the output is the chance of each expert at the request's next token. The features' order and
+    the decay are part of the file, so a predictor serves only the history it was trained on."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, decay: float,
+                 meta: dict | None = None) -> None:  # fmt: skip
+        L, E, F = weight.shape
+        if F != 3 * E or tuple(bias.shape) != (L, E):
+            raise ValueError(f"path predictor: weight [L, E, 3E] and bias [L, E], got "
+                             f"{tuple(weight.shape)} and {tuple(bias.shape)}")  # fmt: skip
+        self.weight, self.bias, self.decay = weight.float(), bias.float(), float(decay)
+        self.meta = dict(meta or {})
+
+    @property
+    def num_layers(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[1]
+
+    @staticmethod
+    def features(p: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """[T, 3E]: the history's estimate p, the router's softmax and the chosen experts."""
+        return torch.cat([_logit(p), probs, chosen], dim=-1)
+
+    def __call__(self, layer: int, p: torch.Tensor, probs: torch.Tensor,
+                 chosen: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """[T, E]: each row's chance of routing to each expert at its next token."""
+        z = torch.addmm(self.bias[layer], self.features(p, probs, chosen), self.weight[layer].t())
+        return torch.sigmoid(z)
+
+    def to(self, device: torch.device | str) -> PathPredictor:
+        return PathPredictor(self.weight.to(device), self.bias.to(device), self.decay, self.meta)
+
+    def save(self, path) -> None:
+        """fp16 on disk (the map's precision is not what limits it; half the bytes to ship)."""
+        torch.save({"weight": self.weight.cpu().half(), "bias": self.bias.cpu().half(),
+                    "decay": self.decay, "meta": self.meta}, path)  # fmt: skip
+
+    @classmethod
+    def load(cls, path, num_layers: int, num_experts: int, decay: float) -> PathPredictor:
+        """The predictor in ``path``, checked against the model (L MoE layers, E experts) and the
+        history's decay; a mismatch is refused in one line."""
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+            pred = cls(d["weight"], d["bias"], d["decay"], d.get("meta"))
+        except Exception as e:  # noqa: BLE001 (unreadable, unpicklable, or not ours): one line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"--lynx-path-predictor: cannot read {path}: {first}") from None
+        if (pred.num_layers, pred.num_experts) != (num_layers, num_experts):
+            raise ValueError(
+                f"--lynx-path-predictor {path} was trained for {pred.num_layers} MoE layers of "
+                f"{pred.num_experts} experts; this model has {num_layers} of {num_experts}: "
+                "train one with python -m bench.train_path_predictor --model <this model>"
+            )
+        if abs(pred.decay - decay) > 1e-9:
+            raise ValueError(
+                f"--lynx-path-predictor {path} was trained at --lynx-path-decay {pred.decay}, "
+                f"not {decay}: pass --lynx-path-decay {pred.decay}"
+            )
+        return pred
 
 
 class RequestHistory:
     """Per request row and MoE layer, the decayed histogram of the request's expert choices."""
 
     def __init__(self, num_layers: int, num_experts: int, device: torch.device | str,
-                 decay: float = 0.95, rows: int = 0) -> None:  # fmt: skip
+                 decay: float = 0.95, rows: int = 0,
+                 predictor: PathPredictor | None = None) -> None:  # fmt: skip
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"--lynx-path-decay must be in [0, 1), got {decay}")
         self.num_layers, self.num_experts, self.decay = num_layers, num_experts, decay
         self.device = torch.device(device)
+        self.predictor = predictor.to(self.device) if predictor is not None else None
         self.hist = torch.zeros(0, num_layers, num_experts, device=self.device)  # [R, L, E]
+        # with a predictor: [R, L, E] its forecast of each request's next token (else unused)
+        self.next = torch.zeros(0, num_layers, num_experts, device=self.device)
         self.active = torch.zeros(0, device=self.device)  # [R] 1.0: running
+        self.router_probs: torch.Tensor | None = None  # [T, E] of the step being prepared
         if rows:
             self.reserve(rows)
 
@@ -52,7 +136,15 @@ class RequestHistory:
         CUDA-graph capture: the tensors a graph captured must never be replaced."""
         if rows > self.rows:
             self.hist = torch.zeros(rows, self.num_layers, self.num_experts, device=self.device)
+            if self.predictor is not None:
+                self.next = torch.zeros_like(self.hist)
             self.active = torch.zeros(rows, device=self.device)
+
+    def note_router(self, router_logits: torch.Tensor) -> None:
+        """The router logits [T, E] of the step about to be observed (the predictor reads
+        their softmax); the cache calls this before its executor prepares the step."""
+        if self.predictor is not None:
+            self.router_probs = torch.softmax(router_logits.to(self.device).float(), dim=-1)
 
     def observe(self, layer: int, requests: torch.Tensor, ids: torch.Tensor,
                 decode: bool) -> torch.Tensor:  # fmt: skip
@@ -67,23 +159,43 @@ class RequestHistory:
         real = (ids >= 0).float()  # [T, k]
         ids = ids.clamp(min=0)
         hist = self.hist[:, layer]  # [R, E] view
+        pred, probs = self.predictor, self.router_probs
+        self.router_probs = None
+        if pred is not None:
+            if probs is None or probs.shape[0] != ids.shape[0]:
+                raise RuntimeError("expert cache: the path predictor needs the step's router "
+                                   "logits (ExpertCache.prepare(router_logits=...))")  # fmt: skip
+            chosen = torch.zeros(ids.shape[0], E, device=self.device).scatter_add_(1, ids, real)
+            chosen = chosen.clamp(max=1.0)  # [T, E]
         if decode:  # the batch's rows are the running requests
             self.active.zero_()
             self.active.index_fill_(0, req, 1.0)
             h = hist.index_select(0, req) * self.decay  # [T, E]
             h.scatter_add_(1, ids, real)
             hist.index_copy_(0, req, h)  # distinct rows, but padding (row 0, scratch)
+            if pred is not None:  # each running request's next token, from its latest
+                nxt = pred(layer, (1.0 - self.decay) * h, probs, chosen)
+                self.next[:, layer].index_copy_(0, req, nxt)
         else:  # a prefill (chunk): each of its requests is seeded by its rows
             counts = torch.zeros(R, E, device=self.device)
             counts.index_put_((req[:, None].expand_as(ids), ids), real, accumulate=True)
-            tokens = torch.zeros(R, device=self.device).index_add_(0, req, torch.ones_like(req, dtype=torch.float32))
+            tokens = torch.zeros(R, device=self.device).index_add_(
+                0, req, torch.ones_like(req, dtype=torch.float32)
+            )
             seen = tokens > 0
             seeded = counts / tokens.clamp(min=1)[:, None] / (1.0 - self.decay)
             hist.copy_(torch.where(seen[:, None], seeded, hist))
             self.active.masked_fill_(seen, 1.0)
+            if pred is not None:  # the first decode token, from the prompt's last row
+                rows = torch.arange(ids.shape[0], device=self.device)
+                last = torch.zeros(R, dtype=torch.long, device=self.device)
+                last.scatter_reduce_(0, req, rows, reduce="amax")
+                nxt = pred(layer, (1.0 - self.decay) * seeded, probs[last], chosen[last])
+                self.next[:, layer].copy_(torch.where(seen[:, None], nxt, self.next[:, layer]))
         self.active[PADDING_ROW] = 0.0
         hist[PADDING_ROW] = 0.0
-        p = ((1.0 - self.decay) * hist).clamp(max=1.0 - 1e-6)  # [R, E]
+        src = self.next[:, layer] if pred is not None else (1.0 - self.decay) * hist
+        p = src.clamp(max=1.0 - 1e-6)  # [R, E]
         return -torch.expm1((self.active[:, None] * torch.log1p(-p)).sum(0))
 
 

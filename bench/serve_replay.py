@@ -33,6 +33,11 @@ Fixed windows of B sequences (bench/compare_offload.py) are not what a server se
              wave after its first. Arrivals, queueing,
              TTFT and TPOT run on that projected clock, so each system serves its own schedule.
 
+Eviction policies (--evictions): lru, lfu, path (each running request's decayed routing
+histogram, --lynx-eviction path) and learned (path reading the learned routing-path predictor,
+--lynx-path-predictor; bench/train_path_predictor.py trains it on the training split, which none
+of the replay's requests come from).
+
 Mechanisms measured on it besides eviction: --admissions overlap (ExpertFlow's regrouping across
 batches, the server's --lynx-admission) and --rewarm N (eMoE's task-aware periodic profiles:
 TaskProfiles re-warms the cache every N decode steps; replay only, it does not pay).
@@ -62,14 +67,16 @@ from lynx_sglang.config import SelectionParams
 from lynx_sglang.model.qwen3_moe import MoEModel, rope_cos_sin
 from lynx_sglang.offload import ExpertCache, HostExpertStore
 from lynx_sglang.offload.admission import OverlapAdmission, PromptProfiler
+from lynx_sglang.offload.path import PREDICTOR_FILE, PathPredictor
 from lynx_sglang.selection.policy import select_experts
 from lynx_sglang.step import Step, decode_capture_cap, moe_layer_step
 
 RESULTS = Path(__file__).parent / "results"
 TASKS = ("code", "prose", "docs")
+PATHS = ("path", "learned")  # path eviction, from the history alone or the learned predictor
 DISTINCT, HITS, MISSES, PREFETCHED, WAVES = range(5)  # counts columns (as compare_offload)
 QUICK = dict(requests_per_task=6, caps="8", k_fractions="0.5", rates="1,8", prompt_median=32,
-             output_median=16, prompt_max=64, output_max=32, evictions="lru,path")  # fmt: skip
+             output_median=16, prompt_max=64, output_max=32, evictions="lru,path,learned")  # fmt: skip
 # SGLang's server defaults this replay mirrors (0.5.23 ServerArgs): schedule_policy "fcfs",
 # max_prefill_tokens 16384
 SGLANG_DEFAULTS = {"schedule_policy": "fcfs", "max_prefill_tokens": 16384}
@@ -410,14 +417,18 @@ class Ours:
     """The project's cache (eager executor) through ``moe_layer_step``, selection optional."""
 
     def __init__(self, W: Workload, slots: int, eviction: str, selection: SelectionParams | None,
-                 max_requests: int, decay: float = 0.95, rewarm: int = 0) -> None:  # fmt: skip
+                 max_requests: int, decay: float = 0.95, rewarm: int = 0,
+                 predictor: PathPredictor | None = None) -> None:  # fmt: skip
         L, E, k = W.num_layers, W.num_experts, W.top_k
         store = HostExpertStore(L, E, {"w": (4,)}, torch.float32, None, 0)  # counts only
         # path eviction is told each step's request rows, as the server's step tells it
-        # (SGLang's req_pool_idx: 1..cap here, 0 is its padding row)
-        self.cache = ExpertCache(store, slots, "cpu", k, eviction, executor="eager",
-                                 path_decay=decay, max_requests=max_requests)  # fmt: skip
-        self.path = self.cache.executor.eviction_policy if eviction == "path" else None
+        # (SGLang's req_pool_idx: 1..cap here, 0 is its padding row); "learned" is path eviction
+        # reading the learned predictor (--lynx-path-predictor)
+        learned = eviction == "learned"
+        self.cache = ExpertCache(store, slots, "cpu", k, "path" if learned else eviction,
+                                 executor="eager", path_decay=decay, max_requests=max_requests,
+                                 path_predictor=predictor if learned else None)  # fmt: skip
+        self.path = self.cache.executor.eviction_policy if eviction in PATHS else None
         self.selection, self.slots, self.E, self.k = selection, slots, E, k
         # the server's capture rule: captured steps select as configured, so graphs capture up
         # to K // top_k tokens unless --lynx-max-experts <= K bounds the kept set
@@ -849,7 +860,11 @@ def parse_args(argv):
     add("--rates", default="0.5,1.5,6", help="Poisson arrival rates, requests per projected second")
     add("--caps", default="16,32", help="--max-running-requests values (SGLang's cap)")
     add("--k-fractions", default="0.25,0.5", help="K (slots per layer) as fractions of E")
-    add("--evictions", default="lru,lfu,path", help="our cache's eviction policies")
+    add("--evictions", default="lru,lfu,path,learned",
+        help="our cache's eviction policies (learned: path reading --path-predictor)")
+    add("--path-predictor", default="",
+        help="the learned predictor the 'learned' eviction reads (default: <model>/"
+             f"{PREDICTOR_FILE}, written by python -m bench.train_path_predictor)")
     add("--path-decay", type=float, default=0.95,
         help="the path policy's history decay (0.8, 0.9, 0.95, 0.98 measured: 0.95 and up best)")
     add(
@@ -889,6 +904,9 @@ def parse_args(argv):
         help="host planning charged per wave after the first of an eager layer-step (bench/"
              "host_overhead here: a planned multi-wave step, eager_lfu at T=16 E=64 K=32, is 153 "
              "µs in 2.95 waves against 33-39 µs for one wave)")  # fmt: skip
+    add("--learned-us", type=float, default=65.0,
+        help="host time the learned predictor adds per eager layer-step (its map and softmax on "
+             "CPU tensors here: +50/65/94 µs at T=1/16/64, E=64; +57/88/166 at E=128)")
     add("--seed", type=int, default=0)
     add("--name", default="")
     add("--out-dir", default=str(RESULTS))
@@ -934,6 +952,13 @@ def _main(args, t0: float) -> dict:
     caps = [int(x) for x in args.caps.split(",") if x]
     fracs = [float(x) for x in args.k_fractions.split(",") if x]
     evictions = [e for e in args.evictions.split(",") if e]
+    predictor = None
+    if "learned" in evictions:
+        where = Path(args.path_predictor or model_dir / PREDICTOR_FILE)
+        if not where.exists():
+            raise SystemExit(f"serve_replay: no path predictor at {where}; train one with "
+                             f"python -m bench.train_path_predictor --model {model_dir}")  # fmt: skip
+        predictor = PathPredictor.load(where, L, E, args.path_decay)
     sel = replace(quality.DEFAULT, budget=args.budget)  # the server's defaults (miss-aware)
     admissions = [a for a in args.admissions.split(",") if a]
     if set(admissions) - {"fcfs", "overlap"}:
@@ -941,11 +966,11 @@ def _main(args, t0: float) -> dict:
     rewarms = [int(x) for x in args.rewarm.split(",") if x]
     systems = [("offload (ours)", e, None, a, 0) for a in admissions for e in evictions]
     systems += [("offload (ours)", e, None, "fcfs", n) for n in rewarms
-                for e in evictions if e in ("lru", "path")]  # fmt: skip
+                for e in evictions if e in ("lru", *PATHS)]  # fmt: skip
     if not args.no_sglang:
         systems.append(("sglang paged experts", "lru (sglang)", None, "fcfs", 0))
     if not args.no_selection:
-        systems += [("lynx+offload", e, sel, "fcfs", 0) for e in evictions if e in ("lru", "path")]
+        systems += [("lynx+offload", e, sel, "fcfs", 0) for e in evictions if e in ("lru", *PATHS)]
     n_runs = len(rates) * len(caps) * len(fracs) * len(systems)
     print(f"serve_replay: {model_dir.name} (E={E}, top-{k}, {L} layers), {len(reqs)} requests "
           f"({', '.join(f'{t}: {tasks.count(t)}' for t in TASKS)}), {sum(r.output for r in reqs)} "
@@ -959,12 +984,13 @@ def _main(args, t0: float) -> dict:
                 arrive = arrivals(len(reqs), rate, args.seed)
                 for name, ev, params, adm, every in systems:
                     system = (SGLangPaged(W, K) if name.startswith("sglang")
-                              else Ours(W, K, ev, params, cap, args.path_decay, every))  # fmt: skip
+                              else Ours(W, K, ev, params, cap, args.path_decay, every, predictor))  # fmt: skip
                     order = (policy if adm == "fcfs"
                              else OverlapOrder(policy, profiles, system, args.max_passed))  # fmt: skip
                     t1 = time.time()
+                    host_us = args.host_us + (args.learned_us if ev == "learned" else 0.0)
                     run = replay(W, arrive, system, cap, order, args.max_prefill_tokens, shape,
-                                 hw, args.host_us, bar, args.wave_us)  # fmt: skip
+                                 hw, host_us, bar, args.wave_us)  # fmt: skip
                     run.slots = K
                     row = {"system": name, "eviction": ev, "selection": params is not None,
                            "admission": adm, "rewarm_every": every, "slots": K,
@@ -987,6 +1013,7 @@ def _main(args, t0: float) -> dict:
         "hardware": {**hw.as_dict(), "model": "bench/projection.py"},
         "host_us_per_eager_layer_step": args.host_us,
         "host_us_per_later_wave": args.wave_us,
+        "host_us_learned_predictor": args.learned_us,
         "requests": len(reqs), "tasks": {t: tasks.count(t) for t in TASKS},
         "output_tokens": sum(r.output for r in reqs),
         "prompt_tokens": sum(r.prompt for r in reqs),
@@ -1002,7 +1029,7 @@ def _main(args, t0: float) -> dict:
                       "max_prefill_tokens": args.max_prefill_tokens},
         "selection": None if args.no_selection else {"policy": sel.policy, "budget": sel.budget,
                                                      "miss_budget": sel.miss_budget},
-        "path_decay": args.path_decay, "rewarm_every": rewarms,
+        "path_decay": args.path_decay, "path_predictor": (predictor.meta if predictor else None), "rewarm_every": rewarms,
         "task_profiles": {"decay": 0.98, "learned_from": "decode steps served",
                           "rewarm": "ExpertCache.prefetch of the running tasks' top-K experts"},
         "rates": rates, "caps": caps, "k_fractions": fracs,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from bench import serve_replay as sr
 from bench.projection import SHAPES, Hardware
 from lynx_sglang import SHIPPED_MODEL
 from lynx_sglang.model.qwen3_moe import MoEModel
+from lynx_sglang.offload.path import PREDICTOR_FILE, PathPredictor
 
 
 @pytest.fixture(scope="module")
@@ -122,16 +124,21 @@ def test_overlap_order_puts_the_most_resident_overlap_first(workload):
     assert sorted(run.admission_order) == sorted(r.rid for r in W.requests)
 
 
-@pytest.mark.parametrize("eviction", ["lru", "lfu", "path"])
+@pytest.mark.parametrize("eviction", ["lru", "lfu", "path", "learned"])
 def test_min_is_a_lower_bound_of_every_policy(workload, eviction):
-    _, W = workload
+    model, W = workload
     K = W.num_experts // 4
-    run, _ = _serve(W, sr.Ours(W, K, eviction, None, 4))
+    predictor = None
+    if eviction == "learned":  # the shipped model's own, as the replay reads it
+        c = model.config
+        predictor = PathPredictor.load(Path(SHIPPED_MODEL) / PREDICTOR_FILE, c.num_hidden_layers,
+                                       c.num_experts, 0.95)  # fmt: skip
+    run, _ = _serve(W, sr.Ours(W, K, eviction, None, 4, predictor=predictor))
     run.slots = K
     row = sr.summarise(W, run, SHAPES["qwen3-30b-a3b"], W.num_layers)
     assert row["min_loads_total"] <= row["loads_total"]
     assert row["min_loads_per_decode_layer_step"] <= row["loads_per_decode_layer_step"] + 1e-9
-    if eviction == "path":
+    if eviction in sr.PATHS:
         per = row["path_prediction_per_layer"]
         assert len(per) == W.num_layers and all(0 <= p["recall"] <= 1 for p in per)
 
@@ -267,3 +274,24 @@ def test_cross_layer_prediction_is_the_next_router_on_the_moe_input(workload):
     exact = sr.Workload(**{**W.__dict__, "cross": W.flat[1]})  # a perfect forecast
     assert all(p == {"precision": 1.0, "recall": 1.0}
                for p in sr.predictor_scores(exact, run)["cross_layer"])  # fmt: skip
+
+
+def test_the_predictor_script_writes_what_the_cache_loads_and_beats_the_history(tmp_path):
+    """bench.train_path_predictor on a small training-split sample: its file loads for the
+    model (the server's check), and on its own held-out requests it forecasts the next token's
+    experts better than the history it starts from."""
+    from bench import train_path_predictor as tp
+
+    out = tmp_path / "p.pt"
+    res = tp.main(["--requests", "60", "--steps", "60", "--lr", "1e-2", "--out", str(out)])
+    c = MoEModel.from_pretrained(SHIPPED_MODEL).config
+    pred = PathPredictor.load(out, c.num_hidden_layers, c.num_experts, 0.95)
+    assert pred.meta["split"].startswith("stdlib training split")
+    assert np.mean(res["recall_learned"]) > np.mean(res["recall_path"])
+    import sysconfig
+
+    from lynx_sglang.model.corpus import split_corpus
+
+    # the replay's docs task (pydoc_data's topics) is in the model's training split, not here
+    topics = Path(sysconfig.get_paths()["stdlib"], "pydoc_data", "topics.py").read_text()[-2000:]
+    assert topics in split_corpus()[0] and topics not in tp.training_text()

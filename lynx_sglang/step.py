@@ -126,7 +126,7 @@ def moe_layer_step(
             x, cache.router(layer + 1), ids.shape[1], keep, step, sim, cache.routing(layer + 1)
         )
     plan = cache.prepare(
-        layer, ids, scores, votes, step.captured, step.requests, step.decode, router_logits
+        layer, ids, scores, votes, step.captured, step.requests, step.decode, router_logits, x
     )
     # 5. the fused kernel once per wave (one unless the step needs more experts than slots)
     experts = cache.slot_weights(layer)

@@ -131,7 +131,8 @@ def test_captured_hybrid_step_replays_bit_for_bit(eviction):
     requests = None
     if eviction == "learned":
         g0 = torch.Generator().manual_seed(5)
-        pred = PathPredictor(0.1 * torch.randn(1, E, 3 * E, generator=g0), torch.zeros(1, E), 0.95)
+        w0 = 0.1 * torch.randn(1, E, 3 * E + H, generator=g0)  # reads the MoE input too
+        pred = PathPredictor(w0, torch.zeros(1, E), 0.95)
         kw = dict(executor="hybrid", eviction="path", path_predictor=pred, max_requests=cap)
         requests = torch.arange(1, cap + 1, device="cuda")
     cache = ExpertCache(store, K, "cuda", TOP_K, **kw)

@@ -152,6 +152,17 @@ def test_an_identity_predictor_is_the_history_and_a_learned_one_reads_the_router
     torch.testing.assert_close(moved.next[2, 0], expect)
     with pytest.raises(RuntimeError, match="router logits"):  # a step without them is refused
         moved.observe(0, rows, topk, True)
+    # a predictor that reads the MoE input: the forecast is its map of x too, and x is required
+    w = torch.zeros(1, E, 3 * E + 4)
+    w[0, :, 3 * E :] = torch.randn(E, 4, generator=g)
+    wide = RequestHistory(1, E, "cpu", d, rows=4, predictor=PathPredictor(w, torch.zeros(1, E), d))
+    x = torch.randn(len(rows), 4, generator=g)
+    wide.note_router(logits, x)
+    wide.observe(0, rows, topk, True)
+    torch.testing.assert_close(wide.next[2, 0], torch.sigmoid(w[0, :, 3 * E :] @ x[0]))
+    wide.note_router(logits)
+    with pytest.raises(RuntimeError, match="MoE input"):
+        wide.observe(0, rows, topk, True)
 
 
 def test_training_rows_are_what_the_server_history_holds():
@@ -163,12 +174,14 @@ def test_training_rows_are_what_the_server_history_holds():
     E, k, d, P, n_out = 12, 3, 0.9, 5, 7
     ids_ = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(P + n_out - 1)])
     logits = torch.randn(P + n_out - 1, E, generator=g)
-    p, probs, chosen, target = request_features(ids_, logits, P, n_out, d, E)
+    hidden = torch.randn(P + n_out - 1, 5, generator=g)
+    p, probs, chosen, x, target = request_features(ids_, logits, P, n_out, d, E, hidden=hidden)
     hist = RequestHistory(1, E, "cpu", d, rows=2)
     hist.observe(0, reqs(*[1] * P), ids_[:P], False)
     for j, t in enumerate(range(P, P + n_out - 1)):
         torch.testing.assert_close(p[j], (1 - d) * hist.hist[1, 0])
         torch.testing.assert_close(probs[j], torch.softmax(logits[t - 1], -1))
+        torch.testing.assert_close(x[j], hidden[t - 1])
         assert chosen[j].nonzero().flatten().tolist() == sorted(ids_[t - 1].tolist())
         assert target[j].nonzero().flatten().tolist() == sorted(ids_[t].tolist())
         hist.observe(0, reqs(1), ids_[t : t + 1], True)
@@ -223,6 +236,11 @@ def test_a_path_predictor_is_refused_in_one_line_where_it_cannot_serve(tmp_path)
         PathPredictor.load(file, 4, 16, 0.95)
     with pytest.raises(ValueError, match="pass --lynx-path-decay 0.95"):
         PathPredictor.load(file, 2, 16, 0.9)
+    wide = tmp_path / "wide.pt"  # reads a hidden state of 24
+    PathPredictor(torch.zeros(2, 16, 3 * 16 + 24), torch.zeros(2, 16), 0.95).save(wide)
+    assert PathPredictor.load(wide, 2, 16, 0.95, hidden_size=24).hidden_size == 24
+    with pytest.raises(ValueError, match="reads a hidden state of 24; this model's is 32"):
+        PathPredictor.load(wide, 2, 16, 0.95, hidden_size=32)
     (tmp_path / "junk.pt").write_bytes(b"not a predictor")
     with pytest.raises(ValueError, match="cannot read"):
         PathPredictor.load(tmp_path / "junk.pt", 2, 16, 0.95)

@@ -499,9 +499,10 @@ def test_path_eviction_reads_each_rows_request_through_sglangs_forward(sglang_la
 
 
 def test_a_learned_path_predictor_reads_sglangs_router_logits(sglang_layers, weights, stock, tmp_path):
-    """``--lynx-path-predictor``: SGLang's TopK output carries the router logits through the
-    wrapped quant method to the cache, and the history's forecast of each running request is the
-    predictor's map of that request's latest token (its p, softmax, choices). Outputs stay exact."""
+    """``--lynx-path-predictor``: SGLang's TopK output carries the router logits, and its
+    dispatch output the MoE input, through the wrapped quant method to the cache; the history's
+    forecast of each running request is the predictor's map of that request's latest token (its
+    p, softmax, choices, MoE input). Outputs stay exact."""
     from types import SimpleNamespace
 
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
@@ -514,7 +515,9 @@ def test_a_learned_path_predictor_reads_sglangs_router_logits(sglang_layers, wei
     E = weights["w1"].shape[0]
     g = torch.Generator().manual_seed(3)
     file = tmp_path / "path_predictor.pt"
-    PathPredictor(torch.randn(1, E, 3 * E, generator=g), torch.randn(1, E, generator=g), 0.95).save(file)
+    H = weights["gate"].shape[1]  # the predictor reads the MoE input too
+    PathPredictor(0.3 * torch.randn(1, E, 3 * E + H, generator=g), torch.randn(1, E, generator=g),
+                  0.95).save(file)  # fmt: skip
     runtime = runtime_for(weights, mode="offload", slots=16, prefetch="off", eviction="path",
                           path_predictor=str(file))  # fmt: skip
     moe, _ = build(sglang_layers, weights, runtime)
@@ -541,11 +544,11 @@ def test_a_learned_path_predictor_reads_sglangs_router_logits(sglang_layers, wei
             last = 3 * i + 2
             chosen = torch.zeros(1, E).index_fill_(1, routed.topk_ids[last].long(), 1.0)
             want = pred(0, (1 - history.decay) * history.hist[r, 0][None],
-                        torch.softmax(logits[last : last + 1], -1), chosen)  # fmt: skip
+                        torch.softmax(logits[last : last + 1], -1), chosen, x[last : last + 1])  # fmt: skip
             torch.testing.assert_close(history.next[r, 0], want[0])
         hooks.around_forward_raw(forward, runner, decode, x2, routed2)
     for i, r in enumerate(rows):
         chosen = torch.zeros(1, E).index_fill_(1, routed2.topk_ids[i].long(), 1.0)
         want = pred(0, (1 - history.decay) * history.hist[r, 0][None],
-                    torch.softmax(logits2[i : i + 1], -1), chosen)  # fmt: skip
+                    torch.softmax(logits2[i : i + 1], -1), chosen, x2[i : i + 1])  # fmt: skip
         torch.testing.assert_close(history.next[r, 0], want[0])

@@ -50,7 +50,6 @@ class Executor(Protocol):
         captured: bool,
         requests: torch.Tensor | None = None,
         decode: bool = False,
-        router_logits: torch.Tensor | None = None,
     ) -> Plan: ...
 
     def end_step(self, layer: int) -> None: ...
@@ -148,13 +147,15 @@ class ExpertCache:
     def from_config(
         cls, store: HostExpertStore, cfg: LynxConfig | CacheParams, device: torch.device | str,
         top_k: int,
+        hidden_size: int | None = None,
     ) -> ExpertCache:  # fmt: skip
-        """Build from the cache section of the plugin config (``slots=0``: all resident)."""
+        """Build from the cache section of the plugin config (``slots=0``: all resident);
+        ``hidden_size``: the model's H, which a learned path predictor is checked against."""
         c = cfg if isinstance(cfg, CacheParams) else cfg.cache
         predictor = None
         if c.path_predictor:
             predictor = PathPredictor.load(
-                c.path_predictor, store.num_layers, store.num_experts, c.path_decay
+                c.path_predictor, store.num_layers, store.num_experts, c.path_decay, hidden_size
             )
         return cls(
             store,
@@ -186,6 +187,7 @@ class ExpertCache:
         requests: torch.Tensor | None = None,
         decode: bool = False,
         router_logits: torch.Tensor | None = None,
+        hidden_states: torch.Tensor | None = None,
     ) -> Plan:
         """Make the experts of ``topk_ids`` [T, k] (-1: padding) resident; returns the waves.
 
@@ -196,7 +198,8 @@ class ExpertCache:
         device-side planning can serve it (graph or hybrid executor; eager raises).
         ``requests`` [T]: the request row of each row of ``topk_ids`` (SGLang's req_pool_idx;
         0: padding), on a ``decode`` step or a prefill; path eviction learns from them, and a
-        learned path predictor also reads the step's ``router_logits`` [T, E].
+        learned path predictor also reads the step's ``router_logits`` [T, E] and its MoE input
+        ``hidden_states`` [T, H].
         """
         if requests is not None and self.requests is not None:
             if requests.shape[0] != topk_ids.shape[0]:
@@ -205,7 +208,7 @@ class ExpertCache:
                     "routed rows"
                 )
             if router_logits is not None:
-                self.requests.note_router(router_logits)
+                self.requests.note_router(router_logits, hidden_states)
         else:
             requests = None
         return self.executor.prepare(layer, topk_ids, scores, votes, captured, requests, decode)

@@ -15,8 +15,8 @@ The running requests are the latest decode step's rows, joined by each prefill's
 
 With a learned ``PathPredictor`` (ExpertFlow's routing-path predictor; trained by ``python -m
 bench.train_path_predictor`` on recorded routing), p[r, l] is instead the predictor's forecast
-from three [E] features of r's latest token at layer l: the history's p, the router's softmax,
-and the experts it chose. The value is formed the same way.
+from r's latest token at layer l: the history's p, the router's softmax and the experts it chose
+(each [E]), and the layer's MoE input [H]. The value is formed the same way.
 
 ``RequestHistory`` holds H on the step's device as torch tensors, updated by indexing and
 scatter only (no host read, so a captured decode graph replays the update); row 0 is scratch:
@@ -43,16 +43,17 @@ def _logit(p: torch.Tensor) -> torch.Tensor:
 class PathPredictor:
     """Per MoE layer, a logistic map of a request's latest token to its next token's experts.
 
-    ``weight`` [L, E, 3E] and ``bias`` [L, E] read the features [logit(p), softmax(router
-    logits), chosen] of one token (each [E]; p is the decayed history's estimate at ``decay``);
-    the output is the chance of each expert at the request's next token. The features' order and
-    the decay are part of the file, so a predictor serves only the history it was trained on."""
+    ``weight`` [L, E, 3E + H] and ``bias`` [L, E] read the features [logit(p), softmax(router
+    logits), chosen, x] of one token (each [E], p the decayed history's estimate at ``decay``;
+    x [H] the layer's MoE input; H = 0: no hidden-state columns); the output is the chance of each
+    expert at the request's next token. The features' order and the decay are part of the file,
+    so a predictor serves only the history and the model it was trained on."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, decay: float,
                  meta: dict | None = None) -> None:  # fmt: skip
         L, E, F = weight.shape
-        if F != 3 * E or tuple(bias.shape) != (L, E):
-            raise ValueError(f"path predictor: weight [L, E, 3E] and bias [L, E], got "
+        if F < 3 * E or tuple(bias.shape) != (L, E):
+            raise ValueError(f"path predictor: weight [L, E, 3E + H] and bias [L, E], got "
                              f"{tuple(weight.shape)} and {tuple(bias.shape)}")  # fmt: skip
         self.weight, self.bias, self.decay = weight.float(), bias.float(), float(decay)
         self.meta = dict(meta or {})
@@ -65,16 +66,24 @@ class PathPredictor:
     def num_experts(self) -> int:
         return self.weight.shape[1]
 
-    @staticmethod
-    def features(p: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        """[T, 3E]: the history's estimate p, the router's softmax and the chosen experts."""
-        return torch.cat([_logit(p), probs, chosen], dim=-1)
+    @property
+    def hidden_size(self) -> int:
+        """H of the MoE input it reads (0: none)."""
+        return self.weight.shape[2] - 3 * self.num_experts
 
-    def __call__(self, layer: int, p: torch.Tensor, probs: torch.Tensor,
-                 chosen: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    @staticmethod
+    def features(p: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor,
+                 x: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """[T, 3E (+ H)]: the history's estimate p, the router's softmax, the chosen experts and,
+        where given, the MoE input x [T, H]."""
+        parts = [_logit(p), probs, chosen] + ([x.float()] if x is not None else [])
+        return torch.cat(parts, dim=-1)
+
+    def __call__(self, layer: int, p: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor,
+                 x: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """[T, E]: each row's chance of routing to each expert at its next token."""
-        z = torch.addmm(self.bias[layer], self.features(p, probs, chosen), self.weight[layer].t())
-        return torch.sigmoid(z)
+        f = self.features(p, probs, chosen, x if self.hidden_size else None)
+        return torch.sigmoid(torch.addmm(self.bias[layer], f, self.weight[layer].t()))
 
     def to(self, device: torch.device | str) -> PathPredictor:
         return PathPredictor(self.weight.to(device), self.bias.to(device), self.decay, self.meta)
@@ -85,9 +94,10 @@ class PathPredictor:
                     "decay": self.decay, "meta": self.meta}, path)  # fmt: skip
 
     @classmethod
-    def load(cls, path, num_layers: int, num_experts: int, decay: float) -> PathPredictor:
-        """The predictor in ``path``, checked against the model (L MoE layers, E experts) and the
-        history's decay; a mismatch is refused in one line."""
+    def load(cls, path, num_layers: int, num_experts: int, decay: float,
+             hidden_size: int | None = None) -> PathPredictor:  # fmt: skip
+        """The predictor in ``path``, checked against the model (L MoE layers, E experts, hidden
+        size H where given) and the history's decay; a mismatch is refused in one line."""
         try:
             d = torch.load(path, map_location="cpu", weights_only=True)
             pred = cls(d["weight"], d["bias"], d["decay"], d.get("meta"))
@@ -99,6 +109,12 @@ class PathPredictor:
                 f"--lynx-path-predictor {path} was trained for {pred.num_layers} MoE layers of "
                 f"{pred.num_experts} experts; this model has {num_layers} of {num_experts}: "
                 "train one with python -m bench.train_path_predictor --model <this model>"
+            )
+        if hidden_size is not None and pred.hidden_size not in (0, hidden_size):
+            raise ValueError(
+                f"--lynx-path-predictor {path} reads a hidden state of {pred.hidden_size}; this "
+                f"model's is {hidden_size}: train one with python -m bench.train_path_predictor "
+                "--model <this model>"
             )
         if abs(pred.decay - decay) > 1e-9:
             raise ValueError(
@@ -124,6 +140,7 @@ class RequestHistory:
         self.next = torch.zeros(0, num_layers, num_experts, device=self.device)
         self.active = torch.zeros(0, device=self.device)  # [R] 1.0: running
         self.router_probs: torch.Tensor | None = None  # [T, E] of the step being prepared
+        self.moe_input: torch.Tensor | None = None  # [T, H] of the same step (hidden predictors)
         if rows:
             self.reserve(rows)
 
@@ -140,11 +157,15 @@ class RequestHistory:
                 self.next = torch.zeros_like(self.hist)
             self.active = torch.zeros(rows, device=self.device)
 
-    def note_router(self, router_logits: torch.Tensor) -> None:
-        """The router logits [T, E] of the step about to be observed (the predictor reads
-        their softmax); the cache calls this before its executor prepares the step."""
+    def note_router(self, router_logits: torch.Tensor,
+                    hidden_states: torch.Tensor | None = None) -> None:  # fmt: skip
+        """The router logits [T, E] and MoE input [T, H] of the step about to be observed (the
+        predictor reads the logits' softmax and, if it was trained on it, the input); the cache
+        calls this before its executor prepares the step."""
         if self.predictor is not None:
             self.router_probs = torch.softmax(router_logits.to(self.device).float(), dim=-1)
+            if self.predictor.hidden_size and hidden_states is not None:
+                self.moe_input = hidden_states.to(self.device).float()
 
     def observe(self, layer: int, requests: torch.Tensor, ids: torch.Tensor,
                 decode: bool) -> torch.Tensor:  # fmt: skip
@@ -159,12 +180,17 @@ class RequestHistory:
         real = (ids >= 0).float()  # [T, k]
         ids = ids.clamp(min=0)
         hist = self.hist[:, layer]  # [R, E] view
-        pred, probs = self.predictor, self.router_probs
-        self.router_probs = None
+        pred, probs, x = self.predictor, self.router_probs, self.moe_input
+        self.router_probs = self.moe_input = None
         if pred is not None:
             if probs is None or probs.shape[0] != ids.shape[0]:
                 raise RuntimeError("expert cache: the path predictor needs the step's router "
                                    "logits (ExpertCache.prepare(router_logits=...))")  # fmt: skip
+            if pred.hidden_size and (x is None or x.shape != (ids.shape[0], pred.hidden_size)):
+                raise RuntimeError(
+                    "expert cache: the path predictor reads the step's MoE input [T, "
+                    f"{pred.hidden_size}] (ExpertCache.prepare(hidden_states=...))"
+                )
             chosen = torch.zeros(ids.shape[0], E, device=self.device).scatter_add_(1, ids, real)
             chosen = chosen.clamp(max=1.0)  # [T, E]
         if decode:  # the batch's rows are the running requests
@@ -174,7 +200,7 @@ class RequestHistory:
             h.scatter_add_(1, ids, real)
             hist.index_copy_(0, req, h)  # distinct rows, but padding (row 0, scratch)
             if pred is not None:  # each running request's next token, from its latest
-                nxt = pred(layer, (1.0 - self.decay) * h, probs, chosen)
+                nxt = pred(layer, (1.0 - self.decay) * h, probs, chosen, x)
                 self.next[:, layer].index_copy_(0, req, nxt)
         else:  # a prefill (chunk): each of its requests is seeded by its rows
             counts = torch.zeros(R, E, device=self.device)
@@ -190,7 +216,8 @@ class RequestHistory:
                 rows = torch.arange(ids.shape[0], device=self.device)
                 last = torch.zeros(R, dtype=torch.long, device=self.device)
                 last.scatter_reduce_(0, req, rows, reduce="amax")
-                nxt = pred(layer, (1.0 - self.decay) * seeded, probs[last], chosen[last])
+                x_last = x[last] if x is not None else None
+                nxt = pred(layer, (1.0 - self.decay) * seeded, probs[last], chosen[last], x_last)
                 self.next[:, layer].copy_(torch.where(seen[:, None], nxt, self.next[:, layer]))
         self.active[PADDING_ROW] = 0.0
         hist[PADDING_ROW] = 0.0

@@ -309,8 +309,8 @@ def _build_cache(
         headroom_gib=cfg.host_headroom_gib,
     )
     resolved = dataclasses.replace(cfg.cache, slots=slots, slot_memory_gib=0.0)  # K, now known
-    return ExpertCache.from_config(store, resolved, device,
-                                   model.top_k)  # fmt: skip
+    return ExpertCache.from_config(store, resolved, device, model.top_k,
+                                   model.hidden_size)  # fmt: skip
 
 
 def _show(layout: dict) -> str:

@@ -119,6 +119,7 @@ class Workload:
     # [L, N, k] the cross-layer prediction of layer l's experts (layer l's router on layer l-1's
     # MoE input, as the server's --lynx-prefetch cross-layer predicts); row 0: -1
     cross: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None  # [L, N, H] each layer's MoE input (the learned predictor's)
 
     def rows(self, layer: int, index: torch.Tensor):
         """(logits [T, E], ids [T, k], weights [T, k]) of the flat rows ``index`` at ``layer``."""
@@ -261,7 +262,7 @@ def route(model: MoEModel, requests: list[Request]) -> Workload:
     offset = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     views = [[t[:, o : o + S] for o, S in zip(offset, lengths)] for t in flat]  # per request
     return Workload(requests, *views, c.num_experts, k, c.num_hidden_layers, flat, offset,
-                    cross)  # fmt: skip
+                    cross, torch.stack(inputs).float())  # fmt: skip
 
 
 def arrivals(n: int, rate: float, seed: int) -> np.ndarray:
@@ -451,8 +452,9 @@ class Ours:
         """Whether the server replays a decode batch of ``batch`` rows in a CUDA graph."""
         return self.cap is None or batch <= self.cap
 
-    def layer_step(self, layer: int, ids, weights, logits, decode: bool, slots: np.ndarray):
-        """One layer-step; returns (counts [5], needed [E] bool, resident mask seen or None)."""
+    def layer_step(self, layer: int, x, ids, weights, logits, decode: bool, slots: np.ndarray):
+        """One layer-step of rows with MoE input x [T, H]; returns (counts [5], needed [E] bool,
+        resident mask seen or None)."""
         B = ids.shape[0]
         sel = None
         if decode and self.selection is not None:
@@ -460,7 +462,7 @@ class Ours:
         seen = self.cache.resident_mask(layer).clone() if decode and self.reads_cache else None
         requests = torch.from_numpy(slots + 1) if self.path is not None else None
         step = Step(decode, B if decode else None, requests)
-        x = logits[:, :1]  # the CPU kernel ignores x (counters only)
+        # the no-op kernel ignores x (counters only); a learned path predictor reads it
         moe_layer_step(layer, x, ids, weights, logits, _no_kernel, step, sel, self.cache)
         c = self.cache.counters(reset=True)["total"]
         counts = [c[f] for f in ("distinct", "hits", "misses", "prefetch_fills", "waves")]
@@ -485,7 +487,7 @@ class SGLangPaged:
     def captured(self, batch: int) -> bool:
         return batch <= self.cap
 
-    def layer_step(self, layer: int, ids, weights, logits, decode: bool, slots):
+    def layer_step(self, layer: int, x, ids, weights, logits, decode: bool, slots):
         policy = self.policies[layer]
         distinct = [e for e in torch.unique(ids).tolist() if e >= 0]
         hits = sum(e in policy.resident for e in distinct)
@@ -579,11 +581,12 @@ def replay(W: Workload, arrive: np.ndarray, system, cap: int, policy, budget: in
             rewarm = run.decode_steps > 0 and run.decode_steps % profiles.every == 0
         for layer in range(L):
             logits, ids, weights = W.rows(layer, index)
+            x = W.hidden[layer].index_select(0, index)  # the rows' MoE input
             if decode and isinstance(system, Ours) and system.path is not None:
                 _score_prediction(run, system, layer, ids)
             if profiles is not None and rewarm:  # its copies are counted in this layer-step
                 system.cache.prefetch(layer, profiles.ranked(layer, row_tasks)[: system.slots])
-            c, n, s = system.layer_step(layer, ids, weights, logits, decode, slots)
+            c, n, s = system.layer_step(layer, x, ids, weights, logits, decode, slots)
             if profiles is not None:
                 profiles.learn(layer, ids, row_tasks)
             counts[layer], need[layer] = c, n
@@ -904,9 +907,10 @@ def parse_args(argv):
         help="host planning charged per wave after the first of an eager layer-step (bench/"
              "host_overhead here: a planned multi-wave step, eager_lfu at T=16 E=64 K=32, is 153 "
              "µs in 2.95 waves against 33-39 µs for one wave)")  # fmt: skip
-    add("--learned-us", type=float, default=65.0,
+    add("--learned-us", type=float, default=80.0,
         help="host time the learned predictor adds per eager layer-step (its map and softmax on "
-             "CPU tensors here: +50/65/94 µs at T=1/16/64, E=64; +57/88/166 at E=128)")
+             "CPU tensors here: +59/78/120 µs at T=1/16/64, E=64, H=192; +64/103/199 at E=128, "
+             "H=128)")
     add("--seed", type=int, default=0)
     add("--name", default="")
     add("--out-dir", default=str(RESULTS))
@@ -958,7 +962,7 @@ def _main(args, t0: float) -> dict:
         if not where.exists():
             raise SystemExit(f"serve_replay: no path predictor at {where}; train one with "
                              f"python -m bench.train_path_predictor --model {model_dir}")  # fmt: skip
-        predictor = PathPredictor.load(where, L, E, args.path_decay)
+        predictor = PathPredictor.load(where, L, E, args.path_decay, c.hidden_size)
     sel = replace(quality.DEFAULT, budget=args.budget)  # the server's defaults (miss-aware)
     admissions = [a for a in args.admissions.split(",") if a]
     if set(admissions) - {"fcfs", "overlap"}:

@@ -7,6 +7,10 @@ Per layer-step (time.perf_counter_ns around each call, after a warm-up; median a
   eager     ``ExpertCache.prepare`` with the eager executor, its waves included;
   eager_lfu the same with LFU eviction: a policy with values, so a step needing more experts than
             slots is planned to keep the best-valued ones (one wave more, at most);
+  path      the same with path eviction (each row its own request: the history's update and
+            values included);
+  learned   path eviction reading a learned path predictor ([E, 3E + H], H = PREDICTOR_HIDDEN,
+            the shipped tiny model's; random weights: its cost does not depend on them);
   graph     ``ExpertCache.prepare`` with the graph executor (not captured);
   hybrid    the hybrid executor's host-planned path once graphs exist (a replay may have moved
             the device state): ``prepare`` + ``end_step``, its state pull and push included;
@@ -34,6 +38,7 @@ import torch
 
 from lynx_sglang.config import SelectionParams
 from lynx_sglang.offload import ExpertCache, HostExpertStore
+from lynx_sglang.offload.path import PathPredictor
 from lynx_sglang.selection.policy import select_experts
 from lynx_sglang.step import Step, moe_layer_step
 
@@ -44,7 +49,9 @@ SHAPES = {"w13": (16, 8), "w2": (8, 8)}  # tiny experts: copies are negligible
 TARGET_US = 150.0  # eager prepare, per layer-step
 DEFAULT_OUT = "bench/results/host_overhead.json"
 DECODE = Step(decode=True)
-METRICS = ("select", "eager", "eager_lfu", "graph", "hybrid", "dispatch")
+METRICS = ("select", "eager", "eager_lfu", "eager_path", "eager_learned", "graph", "hybrid",
+           "dispatch")  # fmt: skip
+PREDICTOR_HIDDEN = 192  # the learned predictor's MoE-input width (lynx-moe-tiny's H)
 
 
 def noop_kernel(x, ids, w, experts):
@@ -114,32 +121,43 @@ def measure(T: int, E: int, K: int, steps: int, warmup: int, device: torch.devic
         _, logits, ids, w = item
         return select_experts(logits, ids, w, params, backend=backend)
 
-    # what the layer step hands the cache: the selection's ids and scores (T >= min_batch)
+    # what the layer step hands the cache: the selection's ids and scores (T >= min_batch),
+    # and for path eviction the router logits and the MoE input
     selected = []
     for item in items:
         layer, logits, ids, w = item
         if T >= params.min_batch:
             sel = select(item)
-            selected.append((layer, sel.topk_ids, sel.scores))
+            selected.append((layer, sel.topk_ids, sel.scores, logits))
         else:
-            selected.append((layer, ids, None))
+            selected.append((layer, ids, None, logits))
+    requests = torch.arange(1, T + 1, device=device)  # one request per decode row
+    x_moe = torch.randn(T, PREDICTOR_HIDDEN, generator=torch.Generator().manual_seed(T)).to(device)
 
     def prepare_with(cache):
         def run(item):
-            layer, ids, scores = item
-            for _wave in cache.prepare(layer, ids, scores):  # the later waves plan on demand
+            layer, ids, scores, logits = item
+            reqs = requests if cache.requests is not None else None
+            plan = cache.prepare(layer, ids, scores, None, False, reqs, True, logits, x_moe)
+            for _wave in plan:  # the later waves plan on demand
                 pass
 
         return run
 
     eager = ExpertCache(store, K, device, TOP_K, executor="eager")
     eager_lfu = ExpertCache(store, K, device, TOP_K, "lfu", executor="eager")
+    eager_path = ExpertCache(store, K, device, TOP_K, "path", executor="eager", max_requests=T)
+    g = torch.Generator().manual_seed(E)
+    predictor = PathPredictor(0.01 * torch.randn(LAYERS, E, 3 * E + PREDICTOR_HIDDEN, generator=g),
+                              torch.zeros(LAYERS, E), 0.95)  # fmt: skip
+    eager_learned = ExpertCache(store, K, device, TOP_K, "path", executor="eager",
+                                max_requests=T, path_predictor=predictor)  # fmt: skip
     graph = ExpertCache(store, K, device, TOP_K, executor="graph")
     hybrid = ExpertCache(store, K, device, TOP_K, executor="hybrid")
     hybrid.executor.graphs = True  # as after the server captured its decode graphs
 
     def hybrid_eager(item):
-        layer, ids, scores = item
+        layer, ids, scores, _ = item
         for _wave in hybrid.prepare(layer, ids, scores):
             pass
         hybrid.end_step(layer)
@@ -155,6 +173,8 @@ def measure(T: int, E: int, K: int, steps: int, warmup: int, device: torch.devic
     row["select"] = _stats(_time(select, items, warmup, device))
     row["eager"] = _stats(_time(prepare_with(eager), selected, warmup, device))
     row["eager_lfu"] = _stats(_time(prepare_with(eager_lfu), selected, warmup, device))
+    row["eager_path"] = _stats(_time(prepare_with(eager_path), selected, warmup, device))
+    row["eager_learned"] = _stats(_time(prepare_with(eager_learned), selected, warmup, device))
     row["graph"] = _stats(_time(prepare_with(graph), selected, warmup, device))
     row["hybrid"] = _stats(_time(hybrid_eager, selected, warmup, device))
     row["dispatch"] = _stats(_time(dispatch, items, warmup, device))
@@ -258,12 +278,22 @@ def table(rows: list[dict], device: torch.device) -> list[str]:
             f"{_cell(r['dispatch']):>8} | {100 * r['eager_hit_rate']:3.0f} "
             f"{r['eager_waves_per_step']:5.2f} ({r['eager_lfu_waves_per_step']:.2f})"
         )
+    lines.append("eager prepare by eviction policy (µs, median): the cost of each policy's values")
+    lines.append(f"{'T':>3} {'E':>4} {'K':>3} | {'lru':>7} | {'lfu':>7} | {'path':>7} | "
+                 f"{'learned':>7}")  # fmt: skip
+    for r in rows:
+        lines.append(
+            f"{r['T']:>3} {r['E']:>4} {r['K']:>3} | {_cell(r['eager'])} | {_cell(r['eager_lfu'])} "
+            f"| {_cell(r['eager_path'])} | {_cell(r['eager_learned'])}"
+        )
     lines.append(
         "select: select_experts (skipped by the layer step below min_batch=2); dispatch: "
         "moe_layer_step,"
     )
     lines.append("  selection on + eager cache + a no-op kernel; prepare includes its later waves;")
     lines.append("  lfu: the eager executor with LFU eviction (values: multi-wave steps planned);")
+    lines.append("  path: with path eviction (rows' requests); learned: path reading a learned")
+    lines.append(f"  predictor [E, 3E + {PREDICTOR_HIDDEN}] (router softmax, MoE input: its map)")
     lines.append("  hybrid: its host-planned path with graphs captured (state pull and push);")
     lines.append("  a captured decode step (graph replay) has no host planning: 0 µs")
     return lines

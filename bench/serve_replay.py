@@ -907,10 +907,12 @@ def parse_args(argv):
         help="host planning charged per wave after the first of an eager layer-step (bench/"
              "host_overhead here: a planned multi-wave step, eager_lfu at T=16 E=64 K=32, is 153 "
              "µs in 2.95 waves against 33-39 µs for one wave)")  # fmt: skip
-    add("--learned-us", type=float, default=80.0,
-        help="host time the learned predictor adds per eager layer-step (its map and softmax on "
-             "CPU tensors here: +59/78/120 µs at T=1/16/64, E=64, H=192; +64/103/199 at E=128, "
-             "H=128)")
+    add("--path-us", type=float, default=150.0,
+        help="host time path eviction adds per eager layer-step (bench.host_overhead: path "
+             "against lfu at T=16, E=64, K=32, 301 - 148 µs; 121 at E=128, K=64)")
+    add("--learned-us", type=float, default=105.0,
+        help="host time the learned predictor adds on top of path's (bench.host_overhead: "
+             "learned against path at T=16, E=64, K=32, 408 - 301 µs; 120 at E=128, K=64)")
     add("--seed", type=int, default=0)
     add("--name", default="")
     add("--out-dir", default=str(RESULTS))
@@ -992,7 +994,8 @@ def _main(args, t0: float) -> dict:
                     order = (policy if adm == "fcfs"
                              else OverlapOrder(policy, profiles, system, args.max_passed))  # fmt: skip
                     t1 = time.time()
-                    host_us = args.host_us + (args.learned_us if ev == "learned" else 0.0)
+                    host_us = (args.host_us + (args.path_us if ev in PATHS else 0.0)
+                               + (args.learned_us if ev == "learned" else 0.0))  # fmt: skip
                     run = replay(W, arrive, system, cap, order, args.max_prefill_tokens, shape,
                                  hw, host_us, bar, args.wave_us)  # fmt: skip
                     run.slots = K
@@ -1017,6 +1020,7 @@ def _main(args, t0: float) -> dict:
         "hardware": {**hw.as_dict(), "model": "bench/projection.py"},
         "host_us_per_eager_layer_step": args.host_us,
         "host_us_per_later_wave": args.wave_us,
+        "host_us_path_eviction": args.path_us,
         "host_us_learned_predictor": args.learned_us,
         "requests": len(reqs), "tasks": {t: tasks.count(t) for t in TASKS},
         "output_tokens": sum(r.output for r in reqs),

@@ -44,7 +44,8 @@ def test_quick_run_reports_every_config(tmp_path, capsys):
     table = lines[:-1]
     assert table == saved["table"]
     assert all(len(line) <= 100 for line in table), max(table, key=len)
-    assert sum("|" in line for line in table) == len(expected) + 1  # header + one row each
+    # two tables (the executors; eager prepare by eviction policy): header + one row each
+    assert sum("|" in line for line in table) == 2 * (len(expected) + 1)
     target = [line for line in table if line.startswith("eager prepare target <= 150 µs")]
     assert len(target) == 1 and ("not met" in target[0]) != summary["target_met"]
     assert any("need a GPU" in line for line in table)  # --device cpu: no GPU rows

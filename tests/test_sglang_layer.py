@@ -526,6 +526,7 @@ def test_a_learned_path_predictor_reads_sglangs_router_logits(sglang_layers, wei
     runner = SimpleNamespace(is_draft_worker=False, req_to_token_pool=pool)
     history = runtime.cache.requests
     pred = history.predictor
+    assert f"eviction=path(predictor={file})" in hooks._describe(runtime.cfg, runtime)
 
     def forward(runner, batch, x, routed):
         torch.testing.assert_close(moe(x, routed), moe_stock(x, routed), atol=2e-5, rtol=1e-4)

@@ -222,7 +222,9 @@ def _describe(cfg: LynxConfig, runtime: rt_mod.LynxRuntime) -> str:
         slot_bytes = sum(t.numel() * t.element_size() for t in cache.slots.tensors.values())
         parts.append(
             f"slots={cache.num_slots}/{runtime.model.num_experts} pool={cfg.slot_pool} "
-            f"eviction={cfg.eviction} prefetch={cfg.prefetch} executor={cfg.executor} "
+            f"eviction={cfg.eviction}"
+            f"{f'(predictor={cfg.path_predictor})' if cfg.path_predictor else ''} "
+            f"prefetch={cfg.prefetch} executor={cfg.executor} "
             f"admission={cfg.admission}"
             f"{f'(max_passed={cfg.admission_max_passed})' if cfg.admission != 'fcfs' else ''} "
             f"experts={_format(runtime)} "

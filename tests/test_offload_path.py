@@ -140,10 +140,9 @@ def test_an_identity_predictor_is_the_history_and_a_learned_one_reads_the_router
     moved = RequestHistory(1, E, "cpu", d, rows=4, predictor=identity_predictor(1, E, d, 3.0))
     for rows, topk, logits, decode in _steps(g, E, k):
         want = plain.observe(0, rows, topk, decode)
-        for h in (same, moved):
-            h.note_router(logits)
-        torch.testing.assert_close(same.observe(0, rows, topk, decode), want, atol=2e-4, rtol=0)
-        got = moved.observe(0, rows, topk, decode)
+        got = same.observe(0, rows, topk, decode, logits)
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
+        got = moved.observe(0, rows, topk, decode, logits)
         assert (got - want).abs().max() > 0.05
     # the forecast of request 2 (the last step's only row): the map of its latest token
     p = (1 - d) * plain.hist[2, 0]
@@ -157,12 +156,10 @@ def test_an_identity_predictor_is_the_history_and_a_learned_one_reads_the_router
     w[0, :, 3 * E :] = torch.randn(E, 4, generator=g)
     wide = RequestHistory(1, E, "cpu", d, rows=4, predictor=PathPredictor(w, torch.zeros(1, E), d))
     x = torch.randn(len(rows), 4, generator=g)
-    wide.note_router(logits, x)
-    wide.observe(0, rows, topk, True)
+    wide.observe(0, rows, topk, True, logits, x)
     torch.testing.assert_close(wide.next[2, 0], torch.sigmoid(w[0, :, 3 * E :] @ x[0]))
-    wide.note_router(logits)
     with pytest.raises(RuntimeError, match="MoE input"):
-        wide.observe(0, rows, topk, True)
+        wide.observe(0, rows, topk, True, logits)
 
 
 def test_training_rows_are_what_the_server_history_holds():

@@ -50,6 +50,8 @@ class Executor(Protocol):
         captured: bool,
         requests: torch.Tensor | None = None,
         decode: bool = False,
+        router_logits: torch.Tensor | None = None,
+        hidden_states: torch.Tensor | None = None,
     ) -> Plan: ...
 
     def end_step(self, layer: int) -> None: ...
@@ -207,11 +209,10 @@ class ExpertCache:
                     f"expert cache: {requests.shape[0]} request rows for {topk_ids.shape[0]} "
                     "routed rows"
                 )
-            if router_logits is not None:
-                self.requests.note_router(router_logits, hidden_states)
         else:
-            requests = None
-        return self.executor.prepare(layer, topk_ids, scores, votes, captured, requests, decode)
+            requests = router_logits = hidden_states = None
+        return self.executor.prepare(layer, topk_ids, scores, votes, captured, requests, decode,
+                                     router_logits, hidden_states)  # fmt: skip
 
     def reserve_requests(self, rows: int) -> None:
         """Path eviction: hold ``rows`` request rows (SGLang's request pool size + 1), before

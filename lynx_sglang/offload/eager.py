@@ -119,6 +119,8 @@ class EagerExecutor:
         captured: bool = False,
         requests: torch.Tensor | None = None,
         decode: bool = False,
+        router_logits: torch.Tensor | None = None,
+        hidden_states: torch.Tensor | None = None,
     ) -> Plan:
         """Make this step's experts resident; returns its waves (one unless K is too small)."""
         if captured:
@@ -144,7 +146,9 @@ class EagerExecutor:
         if scores_h is not None:
             self.eviction_policy.note_scores(layer, scores_h)
         if requests is not None:
-            self.eviction_policy.observe_requests(layer, requests, topk_ids, decode)
+            self.eviction_policy.observe_requests(
+                layer, requests, topk_ids, decode, router_logits, hidden_states
+            )
         self._settle_prefetch(layer, pool, need)
         self.last_needed[layer] = needed
 

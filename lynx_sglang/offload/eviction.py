@@ -42,9 +42,11 @@ class EvictionPolicy:
         """Per-expert importance from the selection policy; scores: [E]. Ignored by default."""
 
     def observe_requests(self, layer: int, requests: torch.Tensor, ids: torch.Tensor,
-                         decode: bool) -> None:  # fmt: skip
+                         decode: bool, router_logits: torch.Tensor | None = None,
+                         hidden_states: torch.Tensor | None = None) -> None:  # fmt: skip
         """The step's rows by request: row i of ``ids`` [T, k] is request ``requests[i]``'s
-        token (device tensors). Read only by policies with ``reads_requests``."""
+        token (device tensors), with its router logits [T, E] and MoE input [T, H] where the
+        step has them. Read only by policies with ``reads_requests``."""
 
     def value(self, slot_layer: Array, slot_expert: Array) -> Array | None:
         """Per-slot primary key (None: recency only). slot_layer/slot_expert: [K], >= 0."""

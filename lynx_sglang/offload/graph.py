@@ -80,6 +80,8 @@ class GraphExecutor:
         captured: bool = False,
         requests: torch.Tensor | None = None,
         decode: bool = False,
+        router_logits: torch.Tensor | None = None,
+        hidden_states: torch.Tensor | None = None,
     ) -> Plan:
         """Serve one step on the device; returns a one-wave plan with a weight mask."""
         E, K = self.E, self.K
@@ -98,7 +100,9 @@ class GraphExecutor:
         if scores is not None:
             self.eviction_policy.note_scores(layer, scores.reshape(E).float())
         if requests is not None:
-            self.eviction_policy.observe_requests(layer, requests, topk_ids, decode)
+            self.eviction_policy.observe_requests(
+                layer, requests, topk_ids, decode, router_logits, hidden_states
+            )
         pf_hits, pf_wasted = self._settle_prefetch(layer, pool, need)
         self.last_need[layer] = need
 

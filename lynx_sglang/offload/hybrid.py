@@ -45,17 +45,21 @@ class HybridExecutor:
         captured: bool,
         requests: torch.Tensor | None = None,
         decode: bool = False,
+        router_logits: torch.Tensor | None = None,
+        hidden_states: torch.Tensor | None = None,
     ) -> Plan:
         if captured:
             self._push()
             self.graphs = self.device_moved = True
             self.last = self.device
-            return self.device.prepare(layer, topk_ids, scores, votes, True, requests, decode)
+            return self.device.prepare(layer, topk_ids, scores, votes, True, requests, decode,
+                                       router_logits, hidden_states)  # fmt: skip
         self.device.wait_prefetch(layer)  # its copies of this layer land before the host reads
         self._pull()
         self.host_moved = True
         self.last = self.eager
-        return self.eager.prepare(layer, topk_ids, scores, votes, False, requests, decode)
+        return self.eager.prepare(layer, topk_ids, scores, votes, False, requests, decode,
+                                  router_logits, hidden_states)  # fmt: skip
 
     def end_step(self, layer: int) -> None:
         """After the step's waves: the next layer's prefetch, then (host-planned steps, once

@@ -139,8 +139,6 @@ class RequestHistory:
         # with a predictor: [R, L, E] its forecast of each request's next token (else unused)
         self.next = torch.zeros(0, num_layers, num_experts, device=self.device)
         self.active = torch.zeros(0, device=self.device)  # [R] 1.0: running
-        self.router_probs: torch.Tensor | None = None  # [T, E] of the step being prepared
-        self.moe_input: torch.Tensor | None = None  # [T, H] of the same step (hidden predictors)
         if rows:
             self.reserve(rows)
 
@@ -157,20 +155,13 @@ class RequestHistory:
                 self.next = torch.zeros_like(self.hist)
             self.active = torch.zeros(rows, device=self.device)
 
-    def note_router(self, router_logits: torch.Tensor,
-                    hidden_states: torch.Tensor | None = None) -> None:  # fmt: skip
-        """The router logits [T, E] and MoE input [T, H] of the step about to be observed (the
-        predictor reads the logits' softmax and, if it was trained on it, the input); the cache
-        calls this before its executor prepares the step."""
-        if self.predictor is not None:
-            self.router_probs = torch.softmax(router_logits.to(self.device).float(), dim=-1)
-            if self.predictor.hidden_size and hidden_states is not None:
-                self.moe_input = hidden_states.to(self.device).float()
-
-    def observe(self, layer: int, requests: torch.Tensor, ids: torch.Tensor,
-                decode: bool) -> torch.Tensor:  # fmt: skip
+    def observe(self, layer: int, requests: torch.Tensor, ids: torch.Tensor, decode: bool,
+                router_logits: torch.Tensor | None = None,
+                hidden_states: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """One layer-step: row i of ``ids`` [T, k] (-1: padding) is request ``requests[i]``'s
-        token ([T] ints; a decode step has one row per request). Returns the values [E]."""
+        token ([T] ints; a decode step has one row per request). A learned predictor also reads
+        the rows' router logits [T, E] (their softmax) and, if it was trained on it, their MoE
+        input [T, H]. Returns the values [E]."""
         R, E = self.rows, self.num_experts
         if R == 0:
             raise RuntimeError("expert cache: path eviction has no request rows (reserve first)")
@@ -180,17 +171,19 @@ class RequestHistory:
         real = (ids >= 0).float()  # [T, k]
         ids = ids.clamp(min=0)
         hist = self.hist[:, layer]  # [R, E] view
-        pred, probs, x = self.predictor, self.router_probs, self.moe_input
-        self.router_probs = self.moe_input = None
+        pred, x = self.predictor, None
         if pred is not None:
-            if probs is None or probs.shape[0] != ids.shape[0]:
+            if router_logits is None or router_logits.shape[0] != ids.shape[0]:
                 raise RuntimeError("expert cache: the path predictor needs the step's router "
                                    "logits (ExpertCache.prepare(router_logits=...))")  # fmt: skip
-            if pred.hidden_size and (x is None or x.shape != (ids.shape[0], pred.hidden_size)):
-                raise RuntimeError(
-                    "expert cache: the path predictor reads the step's MoE input [T, "
-                    f"{pred.hidden_size}] (ExpertCache.prepare(hidden_states=...))"
-                )
+            probs = torch.softmax(router_logits.to(self.device).float(), dim=-1)  # [T, E]
+            if pred.hidden_size:
+                if hidden_states is None or hidden_states.shape != (ids.shape[0], pred.hidden_size):
+                    raise RuntimeError(
+                        "expert cache: the path predictor reads the step's MoE input [T, "
+                        f"{pred.hidden_size}] (ExpertCache.prepare(hidden_states=...))"
+                    )
+                x = hidden_states.to(self.device).float()
             chosen = torch.zeros(ids.shape[0], E, device=self.device).scatter_add_(1, ids, real)
             chosen = chosen.clamp(max=1.0)  # [T, E]
         if decode:  # the batch's rows are the running requests
@@ -241,8 +234,9 @@ class RequestPathPolicy(EvictionPolicy):
         return {"pred": self.pred}
 
     def observe_requests(self, layer: int, requests: torch.Tensor, ids: torch.Tensor,
-                         decode: bool) -> None:  # fmt: skip
-        value = self.history.observe(layer, requests, ids, decode)
+                         decode: bool, router_logits: torch.Tensor | None = None,
+                         hidden_states: torch.Tensor | None = None) -> None:  # fmt: skip
+        value = self.history.observe(layer, requests, ids, decode, router_logits, hidden_states)
         if isinstance(self.pred, np.ndarray):  # host planning: a read it is already paying for
             self.pred[layer] = value.cpu().numpy()
         else:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sysconfig
 import time
 from pathlib import Path
 
@@ -33,24 +32,14 @@ import torch
 
 from bench import serve_replay as sr
 from lynx_sglang import SHIPPED_MODEL
-from lynx_sglang.model.corpus import is_heldout, stdlib_files
+from lynx_sglang.model.corpus import split_corpus
 from lynx_sglang.model.qwen3_moe import MoEModel
 from lynx_sglang.offload.path import PREDICTOR_FILE, PathPredictor
 
 
 def training_text() -> str:
     """The model's training split without ``pydoc_data`` (the replay's docs task)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    out = []
-    for p in stdlib_files(root):
-        rel = str(p.relative_to(root))
-        if is_heldout(rel) or rel.startswith("pydoc_data"):
-            continue
-        try:
-            out.append(p.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, OSError):
-            continue
-    return "\n\n".join(out)
+    return split_corpus(skip=("pydoc_data",))[0]
 
 
 def training_requests(model_dir: Path, n: int, seed: int) -> list[sr.Request]:
@@ -90,8 +79,8 @@ def request_features(ids: torch.Tensor, logits: torch.Tensor, prompt: int, outpu
         h = decay * h + onehot[P + j]
     rows = torch.arange(P - 1, P - 1 + n)
     target = onehot[P : P + n].clone()
-    for h in range(1, horizon):  # within the next h tokens, up to the request's last decode
-        target[: n - h] = torch.maximum(target[: n - h], onehot[P + h : P + n])
+    for ahead in range(1, horizon):  # within the next tokens, up to the request's last decode
+        target[: n - ahead] = torch.maximum(target[: n - ahead], onehot[P + ahead : P + n])
     x = hidden[rows].float() if hidden is not None else None
     return p, probs[rows], onehot[rows], x, target
 

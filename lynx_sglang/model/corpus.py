@@ -35,11 +35,14 @@ def is_heldout(rel_path: str, modulus: int = 50) -> bool:
     return int(hashlib.md5(rel_path.encode()).hexdigest(), 16) % modulus == 0
 
 
-def split_corpus(root: str | Path | None = None) -> tuple[str, str]:
-    """(train_text, heldout_text), files joined by a blank line, in path order."""
+def split_corpus(root: str | Path | None = None, skip: tuple[str, ...] = ()) -> tuple[str, str]:
+    """(train_text, heldout_text), files joined by a blank line, in path order; files whose
+    relative path starts with one of ``skip`` are left out of both."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
     train, held = [], []
     for p in stdlib_files(root):
+        if str(p.relative_to(root)).startswith(skip):
+            continue
         try:
             text = p.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):

@@ -34,10 +34,7 @@ from .eviction import Array, EvictionPolicy, zeros
 PADDING_ROW = 0  # SGLang's ReqToTokenPool: cuda-graph padding rows read request row 0
 PREDICTOR_FILE = "path_predictor.pt"  # beside a model's config.json: the file the script writes
 
-
-def _logit(p: torch.Tensor) -> torch.Tensor:
-    p = p.clamp(1e-4, 1.0 - 1e-4)
-    return torch.log(p) - torch.log1p(-p)
+LOGIT_EPS = 1e-4  # the history's p is clamped to [eps, 1 - eps] before its logit
 
 
 class PathPredictor:
@@ -76,7 +73,9 @@ class PathPredictor:
                  x: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """[T, 3E (+ H)]: the history's estimate p, the router's softmax, the chosen experts and,
         where given, the MoE input x [T, H]."""
-        parts = [_logit(p), probs, chosen] + ([x.float()] if x is not None else [])
+        parts = [torch.logit(p, eps=LOGIT_EPS), probs, chosen]
+        if x is not None:
+            parts.append(x.float())
         return torch.cat(parts, dim=-1)
 
     def __call__(self, layer: int, p: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor,

@@ -19,7 +19,11 @@ machinery); each decode step's router logits and top-k of the unmodified model a
 every system replays them step by step, layer by layer, through the real policy and the real
 cache (cache-aware selection sees the cache's resident mask at that layer and step). The routing
 therefore comes from the base model's hidden states; the quality cost of each setting comes from
-bench/quality.py's measurement, which propagates the changed routing through the model.
+bench/quality.py's measurement, which propagates the changed routing through the model. A plain
+selection row (Lynx at a budget, not reading the cache) takes that measurement from the frontier
+(--frontier, bench/results/frontier.json) where the frontier ran the same setting on the same
+weights (sha256 of model.safetensors), held-out code and batch with a Δppl interval within
+±0.2 %; every other row is measured here, on at least --quality-sequences sequences.
 
 Times: on a GPU every time is measured (CUDA events, warm-up, median of repeats, same run) over
 the traced model's MoE layers at the chosen expert size. On a CPU-only machine the counters
@@ -74,6 +78,7 @@ from lynx_sglang.selection import select_experts_ref
 from lynx_sglang.step import Step, bounded_selection, decode_capture_cap, moe_layer_step
 
 RESULTS = Path(__file__).parent / "results"
+REUSE_HALF_WIDTH = 0.002  # a frontier point stands in for a row's own sample within ±0.2 % Δppl
 # bench/quality.py's goal: Δppl <= +0.5 % and Δ top-1 accuracy >= -0.5 points (agreement with
 # the unmodified model is reported, not gated: bf16 numerics alone move it to ~0.985)
 QUALITY_GOAL = {"ppl_rel_increase": 0.005, "accuracy_delta_points": -0.5}
@@ -584,6 +589,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="at batch > 1, every quality sample holds at least this many sequences (the replayed "
              "windows too, for the rows whose selection reads the cache): 192 keeps a met row's "
              "95 %% interval within about ±0.2 %% Δppl at batch 4 (it was ±0.22-0.40 on 32-48)")
+    add("--frontier", default=str(RESULTS / "frontier.json"),
+        help="a frontier JSON (bench.quality): a plain selection row takes its quality from the "
+             "frontier's point for the same weights, held-out code, batch and setting when that "
+             "point's Δppl interval is within ±0.2 %%; empty: measure every row here")
     add("--evictions", default="lru,lfu,score")
     add("--prefetches", default="cross-layer", help="prefetch modes swept besides off")
     add("--budget", type=float, default=quality.DEFAULT.budget, help="the Lynx budget")
@@ -759,9 +768,21 @@ class Bench:
 
     def selection(self, ctx: dict, params: SelectionParams) -> dict:
         """A Lynx setting at this batch: its quality (bench/quality.py) and its routing."""
-        R = ctx["R"]
-        lyn, _, _ = quality.run_setting(self.model, ctx["qwins"], self.args.prefill, params, ctx["qbase_am"])  # fmt: skip
+        R, B = ctx["R"], ctx["B"]
         sel = select_experts_ref(R.logits, R.ids, R.weights, params)
+        found = self.args.frontier and quality.frontier_point(
+            Path(self.args.frontier), self.model_dir, "code", B, params, REUSE_HALF_WIDTH)
+        if found:
+            run, pt = found
+            source = (f"{Path(self.args.frontier).name}: the same weights, held-out code and batch, "
+                      f"{run['windows']} window(s) x {B} x {run['decode_tokens'] // max(run['sequences'], 1)} "
+                      "decode tokens")  # fmt: skip
+            q = {"ppl_rel_increase": pt["ppl_rel_increase"],
+                 "accuracy_delta_points": pt["accuracy_delta_points"], "agreement": pt["agreement"],
+                 "ci95": pt["ci95"], "quality_verdict": quality.gate_verdict(pt["ci95"]),
+                 "quality_source": source, "quality_sequences": pt["sequences"]}  # fmt: skip
+            return {"params": params, "q": q, "pre": {"lynx": sel}}
+        lyn, _, _ = quality.run_setting(self.model, ctx["qwins"], self.args.prefill, params, ctx["qbase_am"])  # fmt: skip
         q = quality_cost(lyn, ctx["qbase"], "bench/quality.py at this batch")
         return {"params": params, "q": q, "pre": {"lynx": sel}}
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import time
@@ -67,6 +68,35 @@ SEQ_COLUMNS = ("nll", "correct", "kl", "tokens")  # Result.per_seq
 
 PROSE = SHIPPED_MODEL.parent / "prose_ood.txt"  # English prose no model trained on
 TEXTS = ("code", "prose")
+
+
+def model_digest(model_dir: Path) -> str:
+    """The first 16 hex digits of the sha256 of a model's weights: which weights a run measured."""
+    h = hashlib.sha256()
+    with open(Path(model_dir) / "model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def frontier_point(path: Path, model_dir: Path, text: str, batch: int, params: SelectionParams,
+                   max_half_width: float) -> Optional[tuple[dict, dict]]:  # fmt: skip
+    """(run, point) of a frontier JSON that measured this selection on the same weights, text and
+    batch with a Δppl interval within ±``max_half_width``; None where there is none."""
+    if not Path(path).is_file():
+        return None
+    digest = model_digest(model_dir)
+    for run in json.loads(Path(path).read_text())["runs"]:
+        if (run.get("model_digest"), run["text"], run["batch"]) != (digest, text, batch):
+            continue
+        for pt in run["points"]:
+            if pt.get("format") or pt["line"] == "default":
+                continue
+            lo, hi = pt["ci95"]["ppl_rel_increase"]
+            same = parse_line(pt["line"], pt["budget"]).params == params
+            if same and (hi - lo) / 2 <= max_half_width:
+                return run, pt
+    return None
 
 
 def load_heldout_ids(model_dir: Path, text: str = "code") -> torch.Tensor:
@@ -577,8 +607,8 @@ def run_one(model, model_name: str, text: str, B: int, args, settings: list[Sett
                              "accuracy_delta_points": round(100 * (r.accuracy - bf16.accuracy), 3),
                              "ci95": ci, "verdict": gate_verdict(ci)}  # fmt: skip
     fl = point(floor, base, E)
-    return {"model": model_name, "text": text, "batch": B, "num_experts": E,
-            "decode_tokens": base.count, "windows": len(batches),
+    return {"model": model_name, "model_digest": model_digest(Path(args.model_dir[model_name])),
+            "text": text, "batch": B, "num_experts": E, "decode_tokens": base.count, "windows": len(batches),
             "distinct_base": round(base.distinct, 3), "ppl_base": round(base.ppl, 4),
             "accuracy_base": round(base.accuracy, 5),
             "misses_base": {str(K): m for K, m in base.misses.items()},

@@ -18,7 +18,7 @@ SLICE = (
     "--batches 1,16 --k-fractions 0.25 --prefill 16 --decode 12 --warmup 2 --max-batches 1 "
     "--quality-windows 2 --quality-sequences 0 "
     "--evictions lru --prefetches cross-layer --budgets= --no-plot --name test "
-    "--formats= --device-shapes="
+    "--formats= --device-shapes= --frontier="
 ).split()
 
 
@@ -75,6 +75,50 @@ def test_quality_carries_intervals_and_the_gate_is_read_on_the_bound(result):
         else:  # none inside: the product is offloading alone, never an out-of-gate row
             assert p["system"].startswith("offload") and p["quality_verdict"] == "exact"
             assert res["speedup_lynx_offload_vs_offload"][B] == 1.0
+
+
+def _frontier_of(tmp_path, name, change=None):
+    """The shipped frontier's tiny-model run at batch 16, optionally changed, as a file."""
+    full = json.loads((quality.RESULTS / "frontier.json").read_text())
+    run = next(r for r in full["runs"] if (r["model"], r["text"], r["batch"]) == ("lynx-moe-tiny", "code", 16))
+    if change:
+        change(run)
+    path = tmp_path / name
+    path.write_text(json.dumps({"runs": [run]}))
+    return path, run
+
+
+def test_a_plain_selection_row_takes_the_frontiers_point_for_the_same_weights(tmp_path):
+    """Where the frontier measured the same setting on the same weights, text and batch within
+    ±0.2 % Δppl, compare_offload's plain selection row carries that measurement, and only then."""
+    path, run = _frontier_of(tmp_path, "frontier.json")
+    params = compare_offload.replace(quality.DEFAULT, miss_budget=0.0)
+    found = quality.frontier_point(path, SHIPPED_MODEL, "code", 16, params, compare_offload.REUSE_HALF_WIDTH)
+    assert found is not None and found[1]["line"] == "lynx" and found[1]["budget"] == params.budget
+    assert quality.frontier_point(path, SHIPPED_MODEL, "code", 32, params, 0.002) is None  # batch
+    assert quality.frontier_point(path, SHIPPED_MODEL, "prose", 16, params, 0.002) is None  # text
+    other = compare_offload.replace(params, budget=0.55)  # a budget the frontier did not run
+    assert quality.frontier_point(path, SHIPPED_MODEL, "code", 16, other, 0.002) is None
+    assert quality.frontier_point(path, SHIPPED_MODEL, "code", 16, params, 1e-5) is None  # too wide
+
+    def retrained(r):
+        r["model_digest"] = "0" * 16
+
+    moved, _ = _frontier_of(tmp_path, "retrained.json", retrained)
+    assert quality.frontier_point(moved, SHIPPED_MODEL, "code", 16, params, 0.002) is None
+
+    slice16 = [a if a != "1,16" else "16" for a in SLICE if a != "--frontier="]
+    res = compare_offload.main(slice16 + ["--device", "cpu", "--out-dir", str(tmp_path),
+                                          "--frontier", str(path)])  # fmt: skip
+    (lynx,) = rows_of(res, "lynx", 16)
+    pt = found[1]
+    assert "frontier.json" in lynx["quality_source"]
+    assert lynx["ppl_rel_increase"] == pt["ppl_rel_increase"] and lynx["ci95"] == pt["ci95"]
+    assert lynx["quality_sequences"] == run["sequences"] == 64
+    res = compare_offload.main(slice16 + ["--device", "cpu", "--out-dir", str(tmp_path),
+                                          "--frontier", str(moved)])  # fmt: skip
+    (lynx,) = rows_of(res, "lynx", 16)
+    assert lynx["quality_source"] == "bench/quality.py at this batch" and lynx["quality_sequences"] == 32
 
 
 def test_every_row_has_the_fields_and_cpu_times_are_projected(result):

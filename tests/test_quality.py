@@ -80,6 +80,7 @@ def test_main_quick_writes_the_frontier(capsys, tmp_path):
                 "kl", "agreement", "agreement_bf16_floor", "runs", "goal"):  # fmt: skip
         assert key in out
     (run,) = out["runs"]
+    assert run["model_digest"] == quality.model_digest(SHIPPED_MODEL)  # which weights it measured
     lines = {p["line"] for p in run["points"]}
     assert lines == {"lynx", "drop", "lynx+miss@2", "default"}
     for p in run["points"]:

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from bench.routing_stats import distinct_per_step
-from lynx_sglang.model.corpus import split_corpus
+from lynx_sglang.model.corpus import split_corpus, split_readmes
 from lynx_sglang.model.qwen3_moe import MoEModel, MoEModelConfig, unigram_cross_entropy
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -154,6 +154,9 @@ def main(argv=None) -> None:
     ap.add_argument("--balance", choices=("batch", "global"), default="batch",
                     help="expert frequencies of the balancing loss: this batch, or a window")
     ap.add_argument("--balance-window", type=int, default=64, help="batches, with --balance global")
+    ap.add_argument("--docs-fraction", type=float, default=0.0,
+                    help="share of each batch's sequences drawn from the installed packages' read-mes "
+                         "(a second domain, lynx_sglang.model.corpus.split_readmes); 0: code only")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--heldout-chars", type=int, default=400_000)
@@ -166,11 +169,17 @@ def main(argv=None) -> None:
     t0 = time.time()
     train_text, held_text = split_corpus()
     held_text = held_text[: args.heldout_chars]
-    tok = train_tokenizer(train_text, args.vocab, out)
+    docs_text, _ = split_readmes() if args.docs_fraction > 0 else ("", "")
+    tok = train_tokenizer(train_text + "\n\n" + docs_text if docs_text else train_text, args.vocab, out)
     train_ids, held_ids = encode(tok, train_text), encode(tok, held_text)
+    docs_ids = encode(tok, docs_text) if docs_text else None
+    n_docs = round(args.docs_fraction * args.batch)
     (out / "heldout.txt").write_text(held_text)
     print(f"corpus: train {len(train_text)/1e6:.1f} M chars = {train_ids.numel()/1e6:.2f} M tokens, "
           f"held-out {held_ids.numel()/1e3:.0f} k tokens; tokenizer {time.time()-t0:.0f} s")
+    if docs_ids is not None:
+        print(f"read-mes: {len(docs_text)/1e6:.1f} M chars = {docs_ids.numel()/1e6:.2f} M tokens, "
+              f"{n_docs} of {args.batch} sequences per batch")
 
     cfg = MoEModelConfig(
         vocab_size=tok.get_vocab_size(), hidden_size=args.hidden, num_hidden_layers=args.layers,
@@ -183,6 +192,7 @@ def main(argv=None) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     n_seq = (train_ids.numel() - 1) // args.seq
+    n_docs_seq = (docs_ids.numel() - 1) // args.seq if docs_ids is not None else 0
     g = torch.Generator().manual_seed(args.seed)
     budget = args.minutes * 60.0
     start = time.time()
@@ -197,9 +207,11 @@ def main(argv=None) -> None:
             break
         for group in opt.param_groups:
             group["lr"] = lr_at(progress, args.lr)
-        starts = torch.randint(0, n_seq, (args.batch,), generator=g) * args.seq
-        x = torch.stack([train_ids[s : s + args.seq] for s in starts.tolist()])
-        y = torch.stack([train_ids[s + 1 : s + args.seq + 1] for s in starts.tolist()])
+        rows = [(train_ids, s) for s in (torch.randint(0, n_seq, (args.batch - n_docs,), generator=g) * args.seq).tolist()]
+        if n_docs:
+            rows += [(docs_ids, s) for s in (torch.randint(0, n_docs_seq, (n_docs,), generator=g) * args.seq).tolist()]
+        x = torch.stack([ids[s : s + args.seq] for ids, s in rows])
+        y = torch.stack([ids[s + 1 : s + args.seq + 1] for ids, s in rows])
         o = model(x)
         ce = torch.nn.functional.cross_entropy(o.logits.reshape(-1, cfg.vocab_size), y.reshape(-1))
         aux = o.aux_loss if balance is None else balance(o.router_logits, o.topk_ids)
@@ -229,6 +241,7 @@ def main(argv=None) -> None:
         "unigram_ppl": round(math.exp(uni), 1),
         "distinct_experts_b16": round(distinct, 1), "safetensors_mb": round(size / 2**20, 1),
         "threads": torch.get_num_threads(), "aux_coef": args.aux_coef, "balance": args.balance,
+        "docs_fraction": args.docs_fraction,
         "balance_window": args.balance_window if balance is not None else None, "config": {k: getattr(cfg, k) for k in (
             "vocab_size", "hidden_size", "num_hidden_layers", "num_experts", "num_experts_per_tok",
             "moe_intermediate_size")},

@@ -131,6 +131,18 @@ def test_out_of_domain_prose_is_shipped_and_not_in_the_training_split():
     assert ids.numel() > 10_000
 
 
+def test_the_readme_domain_is_split_by_package_and_holds_none_of_the_prose():
+    """The second training domain (bench.train_model --docs-fraction): the installed packages'
+    read-mes, each whole in one split, and none of the out-of-domain prose among them."""
+    from lynx_sglang.model.corpus import split_readmes
+
+    train, held = split_readmes()
+    assert len(train) > 500_000 and held and held not in train
+    prose = quality.PROSE.read_text()
+    windows = [prose[i : i + 200] for i in range(0, len(prose) - 200, len(prose) // 25)]
+    assert not any(w in train or w in held for w in windows)
+
+
 def test_per_sequence_rows_are_each_sequences_own_nll_and_hits(setup):
     """One row per sequence, in batch order: its summed NLL and top-1 hits against the true next
     token, computed here from the model's logits without the harness."""

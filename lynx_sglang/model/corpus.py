@@ -7,6 +7,11 @@ Out-of-domain text: English prose no model saw in training, the IDLE editor's pl
 that CPython ships in ``idlelib/`` (``*.txt``: news, history, read-me; PSF licence). Training
 reads only ``*.py`` files, so none of it is in the training split; ``build_prose`` joins them
 and the result is shipped as ``lynx_sglang/data/prose_ood.txt``.
+
+A second domain for training, when asked (``bench.train_model --docs-fraction``): the long
+descriptions (read-mes: Markdown or reStructuredText prose, with some code) of the Python
+packages installed beside the interpreter, the body of each ``*.dist-info/METADATA``. Text in
+more than one domain leaves a router room to specialise experts by domain, as a real model's do.
 """
 
 from __future__ import annotations
@@ -48,6 +53,22 @@ def split_corpus(root: str | Path | None = None, skip: tuple[str, ...] = ()) -> 
         except (UnicodeDecodeError, OSError):
             continue
         (held if is_heldout(str(p.relative_to(root))) else train).append(text)
+    return "\n\n".join(train), "\n\n".join(held)
+
+
+def split_readmes(site_packages: str | Path | None = None, min_chars: int = 2000) -> tuple[str, str]:
+    """(train_text, heldout_text) of the installed packages' read-mes (METADATA bodies of at
+    least ``min_chars``), one per distribution name, split by the same path hash as the code."""
+    root = Path(site_packages or sysconfig.get_paths()["purelib"])
+    seen, train, held = set(), [], []
+    for meta in sorted(root.glob("*.dist-info/METADATA")):
+        name = meta.parent.name.split("-")[0].lower().replace("_", "-")
+        text = meta.read_text(encoding="utf-8", errors="replace")
+        body = text.split("\n\n", 1)[1].strip() if "\n\n" in text else ""
+        if name in seen or len(body) < min_chars:
+            continue
+        seen.add(name)
+        (held if is_heldout(name) else train).append(body)
     return "\n\n".join(train), "\n\n".join(held)
 
 

@@ -7,7 +7,10 @@ look costlier and caches look worse. Per model, on its held-out code (teacher-fo
 sequences advancing together as in bench/quality.py; the first 64 positions are prefill):
   distinct   distinct experts per layer-step at each batch size B (mean over steps and layers),
              beside the value if every token chose k experts uniformly and independently,
-             E * (1 - (1 - k/E)^B);
+             E * (1 - (1 - k/E)^B), and beside the value the measured loads alone predict,
+             sum_e 1 - (1 - p_e)^B with p_e the layer's share of tokens choosing expert e: where
+             the two agree, a batch's distinct count is set by the layer's load imbalance, not by
+             any agreement between the requests of the batch;
   skew       per layer, over all decode tokens: the share of routed choices going to the most
              popular 10 % of experts (uniform: 10 %) and the coefficient of variation of the
              experts' loads;
@@ -63,6 +66,18 @@ def distinct_per_step(r: torch.Tensor, E: int) -> float:
     return float(hit.sum(-1).float().mean())
 
 
+def from_loads(r: torch.Tensor, E: int, B: int) -> float:
+    """Distinct experts per layer-step if each of B tokens chose its experts independently with
+    the layer's measured marginal p_e (share of tokens choosing e): mean over layers of
+    sum_e 1 - (1 - p_e)^B. r: [W, L, B', D, k] (any batch B' of the same routing)."""
+    k, L = r.shape[-1], r.shape[1]
+    out = 0.0
+    for layer in range(L):
+        p = torch.bincount(r[:, layer].reshape(-1), minlength=E).double() / (r[:, layer].numel() / k)
+        out += float((1 - (1 - p) ** B).sum())
+    return out / L
+
+
 def skew(r: torch.Tensor, E: int) -> list[dict]:
     """Per layer: share of choices to the top 10 % of experts, and the loads' CV."""
     L = r.shape[1]
@@ -106,8 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
         ids = quality.load_heldout_ids(path)
         pub = PUBLISHED.get(path.name, {})
         print(f"\n{path.name}: E={E}, top-{k}, {c.num_hidden_layers} MoE layers; held-out code")
-        print(f"{'batch':>6}{'distinct':>10}{'uniform':>9}{'published':>11}")
-        entry = {"num_experts": E, "top_k": k, "distinct": {}, "uniform": {}, "published": pub}
+        print(f"{'batch':>6}{'distinct':>10}{'uniform':>9}{'from loads':>12}{'published':>11}")
+        entry = {"num_experts": E, "top_k": k, "distinct": {}, "uniform": {}, "from_loads": {},
+                 "published": pub}  # fmt: skip
         widest = None
         for B in batches:
             r = routing(model, ids, B, args.prefill, args.decode, args.windows)
@@ -116,9 +132,11 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             d = distinct_per_step(r, E)
             u = E * (1 - (1 - k / E) ** B)
+            f = from_loads(r, E, B)
             entry["distinct"][str(B)], entry["uniform"][str(B)] = round(d, 2), round(u, 2)
+            entry["from_loads"][str(B)] = round(f, 2)
             p = pub.get("distinct", {}).get(B)
-            print(f"{B:>6}{d:>10.1f}{u:>9.1f}{'' if p is None else f'{p:.1f}':>11}")
+            print(f"{B:>6}{d:>10.1f}{u:>9.1f}{f:>12.1f}{'' if p is None else f'{p:.1f}':>11}")
             widest = r
         entry["skew"] = skew(widest, E)
         entry["reuse"] = reuse(widest, E)

@@ -23,6 +23,10 @@ def test_counts_on_hand_made_routing():
     assert routing_stats.reuse(r, 4) == [0.625]
     (s,) = routing_stats.skew(r, 4)  # loads: e0 3, e1 4, e2 4, e3 1 -> the top expert has 4 of 12
     assert s["top10pct_share"] == pytest.approx(4 / 12, abs=1e-4)
+    # from the loads alone (6 tokens): p = (3, 4, 4, 1) / 6; at B=2: sum 1 - (1 - p)^2
+    p = torch.tensor([3, 4, 4, 1], dtype=torch.float64) / 6
+    assert routing_stats.from_loads(r, 4, 2) == pytest.approx(float((1 - (1 - p) ** 2).sum()))
+    assert routing_stats.from_loads(r, 4, 1) == pytest.approx(2.0)  # one token: its k experts
 
 
 def test_shipped_model_stats(tmp_path, capsys):
@@ -36,3 +40,5 @@ def test_shipped_model_stats(tmp_path, capsys):
     assert k < m["distinct"]["4"] <= 4 * k
     assert all(0 <= x <= 1 for x in m["reuse"])
     assert all(s["top10pct_share"] >= 0.1 for s in m["skew"])
+    assert m["from_loads"]["1"] == pytest.approx(k)
+    assert m["from_loads"]["4"] <= m["uniform"]["4"] + 1e-6  # uneven loads: fewer than uniform

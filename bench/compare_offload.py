@@ -331,9 +331,8 @@ class _HostClock:
             t0 = time.perf_counter_ns()
             try:
                 plan = fn(*args, **kwargs)
-                if waves:  # a multi-wave plan's later waves are planned as the step reaches them
-                    plan._rest = [self._timed(make) for make in plan._rest]
-                return plan
+                # a multi-wave plan's later waves are planned as the step reaches them
+                return plan.map_later(self._timed) if waves else plan
             finally:
                 self.ns += time.perf_counter_ns() - t0
 

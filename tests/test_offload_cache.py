@@ -119,6 +119,27 @@ def test_waves_serve_a_step_that_needs_more_experts_than_slots():
     assert_close(out, fused_moe_ref(x, *weights[0], topk_ids, topk_w))
 
 
+def test_a_mapped_plan_runs_the_same_waves_through_the_wrapper():
+    """Plan.map_later (how bench/compare_offload.py times the waves planned on demand): the
+    wrapper sees every later wave's maker, once, and the waves are those of the plain plan."""
+    store, _ = make_store(num_layers=1)
+    topk_ids = ids([0, 1], [2, 3], [4, 5])
+    plain = [w.slot_ids.clone() for w in ExpertCache(store, 2, "cpu", 2).prepare(0, topk_ids)]
+    seen = []
+
+    def wrap(make):
+        def made():
+            seen.append(make)
+            return make()
+
+        return made
+
+    mapped = ExpertCache(store, 2, "cpu", 2).prepare(0, topk_ids).map_later(wrap)
+    assert len(mapped) == 3
+    got = [w.slot_ids for w in mapped]
+    assert len(seen) == 2 and all(torch.equal(a, b) for a, b in zip(plain, got))
+
+
 def test_a_multi_wave_step_leaves_the_experts_the_policy_values_most_resident():
     """Waves run hits first, then misses by ascending value: every miss is loaded once (the
     step's minimum), and the step ends with the highest-valued misses resident, whatever their

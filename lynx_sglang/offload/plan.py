@@ -50,6 +50,10 @@ class Plan:
     def single(self) -> bool:
         return not self._rest
 
+    def map_later(self, wrap: Callable[[Callable[[], Wave]], Callable[[], Wave]]) -> Plan:
+        """The same plan with each later wave's maker passed through ``wrap`` (a timer, a tracer)."""
+        return Plan(self._first, [wrap(make) for make in self._rest])
+
     def _only(self) -> Wave:
         if self._rest:
             raise RuntimeError(

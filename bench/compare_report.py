@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.figures import save_png
 from bench.projection import Hardware
 
 PATHS = {"CUDA graph": "G", "bound": "-"}  # any other path: "E" (eager)
@@ -136,7 +137,7 @@ def plot(result: dict, path: Path, goal: dict) -> list[str]:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     out = [str(path.with_suffix(".png"))]
-    fig.savefig(out[0], dpi=120)
+    save_png(fig, out[0], dpi=120)
     plt.close(fig)
 
     # distinct experts vs quality, per batch: the base model and every selection row
@@ -159,6 +160,6 @@ def plot(result: dict, path: Path, goal: dict) -> list[str]:
                  "(every budget, cache-aware or not)", fontsize=9)  # fmt: skip
     fig.tight_layout()
     out.append(str(path.with_name(path.stem + "_quality.png")))
-    fig.savefig(out[1], dpi=120)
+    save_png(fig, out[1], dpi=120)
     plt.close(fig)
     return out

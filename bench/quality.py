@@ -51,6 +51,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from bench.figures import save_png
 from lynx_sglang import SHIPPED_MODEL, SHIPPED_MODELS
 from lynx_sglang.model.qwen3_moe import MoEModel
 from lynx_sglang.offload import ExpertCache, HostExpertStore
@@ -581,7 +582,7 @@ def plot(runs: list[dict], path: Path) -> Optional[str]:
                  "intervals; red dotted: the quality goal, grey dashed and band: the bf16 numerics "
                  "floor and its interval", fontsize=9)  # fmt: skip
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
     return str(path)
 

@@ -61,6 +61,7 @@ import numpy as np
 import torch
 
 from bench import peers, quality
+from bench.figures import save_png
 from bench.projection import SHAPES, Hardware, Shape, layer_seconds, step_seconds
 from lynx_sglang import SHIPPED_MODEL
 from lynx_sglang.config import SelectionParams
@@ -1148,7 +1149,7 @@ def plot(result: dict, path: Path) -> str | None:
     fig.suptitle(f"serve_replay, {result['model']} (times projected at {result['shape']}); red "
                  f"dotted: 10 % above Belady's MIN", fontsize=9)  # fmt: skip
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path, dpi=100)
     plt.close(fig)
     return str(path)
 

@@ -155,7 +155,8 @@ def _needed(topk_ids: torch.Tensor, num_experts: int) -> np.ndarray:
     return mask[..., :num_experts].numpy()  # [N, L, E]
 
 
-def replay_belady(topk_ids: torch.Tensor, num_experts: int, slots: int) -> np.ndarray:
+def replay_belady(topk_ids: torch.Tensor, num_experts: int, slots: int,
+                  horizon: int | None = None) -> np.ndarray:  # fmt: skip
     """Replay ``topk_ids`` [N, L, B, k] under Belady's MIN, per layer: [N, L, 5] int64.
 
     When a step must page in an expert and no slot is free, MIN evicts the resident expert, not
@@ -165,10 +166,16 @@ def replay_belady(topk_ids: torch.Tensor, num_experts: int, slots: int) -> np.nd
     (resident before | needed) with the nearest next use. Its waves are reported as
     ``ceil(distinct / slots)``: a lower bound for any plan, as a wave serves at most ``slots``.
     Cold start and slot clamping as in ``replay_sglang_paged``, so the two compare exactly.
+
+    ``horizon`` h: MIN that sees only the next h steps (an exact forecast of h steps). A next
+    use more than h steps ahead is unknown; unknown experts rank after every known one, the
+    most recently used kept first (least recently used evicted first, as LRU). None: all of it.
     """
     K = _check(topk_ids, num_experts, slots)
     need = _needed(topk_ids, num_experts)  # [N, L, E]
     N, L, E = need.shape
+    if horizon is not None and horizon < 0:
+        raise ValueError(f"horizon must be >= 0 steps, got {horizon}")
     next_use = np.empty((N, L, E), dtype=np.int64)  # first step after t needing e; N: never
     upcoming = np.full((L, E), N, dtype=np.int64)  # [L, E]
     for t in range(N - 1, -1, -1):
@@ -176,10 +183,12 @@ def replay_belady(topk_ids: torch.Tensor, num_experts: int, slots: int) -> np.nd
         upcoming = np.where(need[t], t, upcoming)
     resident = np.zeros((L, E), dtype=bool)  # [L, E]
     resident[:, :K] = True
+    last_use = np.full((L, E), -1, dtype=np.int64)  # [L, E] the latest step needing e
     out = np.zeros((N, L, len(COLUMNS)), dtype=np.int64)
     for t in range(N):
         for layer in range(L):
             needed, res = need[t, layer], resident[layer]  # [E] each; res is a view
+            last_use[layer, needed] = t
             distinct = int(needed.sum())
             hits = int((needed & res).sum())
             pool = np.flatnonzero(needed | res)  # [P] experts that may stay after the step
@@ -187,6 +196,9 @@ def replay_belady(topk_ids: torch.Tensor, num_experts: int, slots: int) -> np.nd
                 # Keep order: this step's experts when they fit, then nearest next use, then
                 # higher id (so the farthest, lower-id experts are the ones evicted).
                 rank = next_use[t, layer, pool]  # [P]
+                if horizon is not None:  # beyond the horizon: by recency, after the known
+                    unknown = rank > t + horizon
+                    rank = np.where(unknown, t + horizon + 1 + t - last_use[layer, pool], rank)
                 if distinct <= K:
                     rank = np.where(needed[pool], -1, rank)
                 keep = pool[np.lexsort((-pool, rank))[:K]]

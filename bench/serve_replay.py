@@ -75,6 +75,7 @@ from lynx_sglang.step import Step, decode_capture_cap, moe_layer_step
 RESULTS = Path(__file__).parent / "results"
 TASKS = ("code", "prose", "docs")
 PATHS = ("path", "learned")  # path eviction, from the history alone or the learned predictor
+HORIZONS = (1, 4, 16, 64)  # MIN seeing only this many steps ahead: what an exact forecast buys
 DISTINCT, HITS, MISSES, PREFETCHED, WAVES = range(5)  # counts columns (as compare_offload)
 QUICK = dict(requests_per_task=6, caps="8", k_fractions="0.5", rates="1,8", prompt_median=32,
              output_median=16, prompt_max=64, output_max=32, evictions="lru,path,learned")  # fmt: skip
@@ -420,7 +421,7 @@ class Ours:
 
     def __init__(self, W: Workload, slots: int, eviction: str, selection: SelectionParams | None,
                  max_requests: int, decay: float = 0.95, rewarm: int = 0,
-                 predictor: PathPredictor | None = None) -> None:  # fmt: skip
+                 predictor: PathPredictor | None = None, extra_waves: int = 1) -> None:  # fmt: skip
         L, E, k = W.num_layers, W.num_experts, W.top_k
         store = HostExpertStore(L, E, {"w": (4,)}, torch.float32, None, 0)  # counts only
         # path eviction is told each step's request rows, as the server's step tells it
@@ -429,7 +430,8 @@ class Ours:
         learned = eviction == "learned"
         self.cache = ExpertCache(store, slots, "cpu", k, "path" if learned else eviction,
                                  executor="eager", path_decay=decay, max_requests=max_requests,
-                                 path_predictor=predictor if learned else None)  # fmt: skip
+                                 path_predictor=predictor if learned else None,
+                                 extra_waves=extra_waves)  # fmt: skip
         self.path = self.cache.executor.eviction_policy if eviction in PATHS else None
         self.selection, self.slots, self.E, self.k = selection, slots, E, k
         # the server's capture rule: captured steps select as configured, so graphs capture up
@@ -772,9 +774,15 @@ def summarise(W: Workload, run: Run, shape: Shape, traced_layers: int) -> dict:
         row["min_loads_per_decode_layer_step"] = round(float(mins[dec][..., MISSES].mean()), 3)
         row["min_loads_total"] = int(mins[..., MISSES].sum())
         row["loads_over_min"] = round(row["loads_total"] / max(1, row["min_loads_total"]), 4)
-        row["decode_loads_over_min"] = round(
-            float(loads[dec].sum()) / max(1, float(mins[dec][..., MISSES].sum())), 4
-        )
+        min_decode = max(1, float(mins[dec][..., MISSES].sum()))
+        row["decode_loads_over_min"] = round(float(loads[dec].sum()) / min_decode, 4)
+        # an exact forecast of the next h steps, MIN's plan within it and LRU beyond: how far
+        # ahead a policy must see to come within a given share of MIN on this trace
+        row["horizon_decode_loads_over_min"] = {
+            str(h): round(float(peers.replay_belady(ids, E, slots, horizon=h)[dec][..., MISSES]
+                                .sum()) / min_decode, 4)
+            for h in HORIZONS
+        }  # fmt: skip
         # where the gap lies: the first decode step after a prefill reloads what the prefill's
         # waves evicted (MIN keeps the next step's experts through a multi-wave step)
         after = np.array([d and i > 0 and not dec[i - 1] for i, d in enumerate(dec)])
@@ -914,6 +922,9 @@ def parse_args(argv):
     add("--learned-us", type=float, default=105.0,
         help="host time the learned predictor adds on top of path's (bench.host_overhead: "
              "learned against path at T=16, E=64, K=32, 408 - 301 µs; 120 at E=128, K=64)")
+    add("--extra-waves", default="1",
+        help="--lynx-extra-waves values for our cache's rows (waves a planned multi-wave step may "
+             "run beyond the fewest to keep its best-valued experts), e.g. 1,4")
     add("--seed", type=int, default=0)
     add("--name", default="")
     add("--out-dir", default=str(RESULTS))
@@ -971,13 +982,20 @@ def _main(args, t0: float) -> dict:
     if set(admissions) - {"fcfs", "overlap"}:
         raise SystemExit(f"serve_replay: --admissions takes fcfs and overlap, got {args.admissions}")
     rewarms = [int(x) for x in args.rewarm.split(",") if x]
-    systems = [("offload (ours)", e, None, a, 0) for a in admissions for e in evictions]
-    systems += [("offload (ours)", e, None, "fcfs", n) for n in rewarms
+    extra = [int(x) for x in args.extra_waves.split(",") if x]
+    if not extra or min(extra) < 0:
+        raise SystemExit(f"serve_replay: --extra-waves takes integers >= 0, got {args.extra_waves}")
+    # (system, eviction, selection, admission, re-warm every, extra waves); LRU plans no waves'
+    # end, so it runs at the first value only
+    ours = [(e, w) for w in extra for e in evictions if e != "lru" or w == extra[0]]
+    systems = [("offload (ours)", e, None, a, 0, w) for a in admissions for e, w in ours]
+    systems += [("offload (ours)", e, None, "fcfs", n, extra[0]) for n in rewarms
                 for e in evictions if e in ("lru", *PATHS)]  # fmt: skip
     if not args.no_sglang:
-        systems.append(("sglang paged experts", "lru (sglang)", None, "fcfs", 0))
+        systems.append(("sglang paged experts", "lru (sglang)", None, "fcfs", 0, 0))
     if not args.no_selection:
-        systems += [("lynx+offload", e, sel, "fcfs", 0) for e in evictions if e in ("lru", *PATHS)]
+        systems += [("lynx+offload", e, sel, "fcfs", 0, w) for e, w in ours
+                    if e in ("lru", *PATHS)]  # fmt: skip
     n_runs = len(rates) * len(caps) * len(fracs) * len(systems)
     print(f"serve_replay: {model_dir.name} (E={E}, top-{k}, {L} layers), {len(reqs)} requests "
           f"({', '.join(f'{t}: {tasks.count(t)}' for t in TASKS)}), {sum(r.output for r in reqs)} "
@@ -989,9 +1007,10 @@ def _main(args, t0: float) -> dict:
         for cap in caps:
             for rate in rates:
                 arrive = arrivals(len(reqs), rate, args.seed)
-                for name, ev, params, adm, every in systems:
+                for name, ev, params, adm, every, waves in systems:
                     system = (SGLangPaged(W, K) if name.startswith("sglang")
-                              else Ours(W, K, ev, params, cap, args.path_decay, every, predictor))  # fmt: skip
+                              else Ours(W, K, ev, params, cap, args.path_decay, every, predictor,
+                                        waves))  # fmt: skip
                     order = (policy if adm == "fcfs"
                              else OverlapOrder(policy, profiles, system, args.max_passed))  # fmt: skip
                     t1 = time.time()
@@ -1001,7 +1020,8 @@ def _main(args, t0: float) -> dict:
                                  hw, host_us, bar, args.wave_us)  # fmt: skip
                     run.slots = K
                     row = {"system": name, "eviction": ev, "selection": params is not None,
-                           "admission": adm, "rewarm_every": every, "slots": K,
+                           "admission": adm, "rewarm_every": every, "extra_waves": waves,
+                           "slots": K,
                            "k_fraction": frac, "cap": cap,
                            "rate": rate, **summarise(W, run, shape, L)}  # fmt: skip
                     if params is not None:
@@ -1038,7 +1058,8 @@ def _main(args, t0: float) -> dict:
                       "max_prefill_tokens": args.max_prefill_tokens},
         "selection": None if args.no_selection else {"policy": sel.policy, "budget": sel.budget,
                                                      "miss_budget": sel.miss_budget},
-        "path_decay": args.path_decay, "path_predictor": (predictor.meta if predictor else None), "rewarm_every": rewarms,
+        "path_decay": args.path_decay, "path_predictor": (predictor.meta if predictor else None),
+        "extra_waves": extra, "rewarm_every": rewarms,
         "task_profiles": {"decay": 0.98, "learned_from": "decode steps served",
                           "rewarm": "ExpertCache.prefetch of the running tasks' top-K experts"},
         "rates": rates, "caps": caps, "k_fractions": fracs,
@@ -1054,7 +1075,7 @@ def _main(args, t0: float) -> dict:
         png = plot(result, out.with_suffix(".png"))
         if png:
             result["plot"] = Path(png).name
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.write_text(json.dumps(result, separators=(",", ":")) + "\n")
     print(json.dumps(compact(result, out)))
     return result
 
@@ -1068,7 +1089,9 @@ def label(row: dict) -> str:
 
 def _variant(row: dict) -> str:
     adm = "+overlap" if row.get("admission") == "overlap" else ""
-    return adm + (f"+rewarm{row['rewarm_every']}" if row.get("rewarm_every") else "")
+    waves = row.get("extra_waves", 1)
+    extra = f"+waves{waves}" if waves != 1 and not row["system"].startswith("sglang") else ""
+    return adm + extra + (f"+rewarm{row['rewarm_every']}" if row.get("rewarm_every") else "")
 
 
 def print_report(result: dict) -> None:
@@ -1095,6 +1118,19 @@ def print_report(result: dict) -> None:
               f"{r['h2d_bytes_per_token'] / 1e6:>8.1f}{r['tokens_per_s_busy']:>8.1f}"
               f"{r['ttft_p50_s']:>7.2f}/{r['ttft_p99_s']:<7.2f}{r['tpot_p50_s']:>7.3f}/{r['tpot_p99_s']:<7.3f}"
               f"{r['queue_p99_s']:>10.2f}  {q}")  # fmt: skip
+    seen = set()
+    print(f"\nMIN seeing only h steps ahead (LRU beyond), decode loads over MIN, h = "
+          f"{', '.join(map(str, HORIZONS))}; on each setting's best offloading-alone trace:")
+    best = sorted((r for r in result["rows"] if not r["selection"] and "horizon_decode_loads_over_min" in r),
+                  key=lambda r: r["decode_loads_over_min"])  # fmt: skip
+    for r in best:
+        key = (r["slots"], r["cap"], r["rate"])
+        if key not in seen:
+            seen.add(key)
+            h = r["horizon_decode_loads_over_min"]
+            print(f"  K={r['slots']} cap={r['cap']} rate={r['rate']:g}: "
+                  + "  ".join(f"h={k}: {v:.3f}" for k, v in h.items())
+                  + f"   (best: {label(r)} {r['decode_loads_over_min']:.3f})")
 
 
 def compact(result: dict, path: Path) -> dict:
@@ -1126,6 +1162,7 @@ def plot(result: dict, path: Path) -> str | None:
     rows = result["rows"]
     Ks = sorted({r["slots"] for r in rows})
     names = list(dict.fromkeys(label(r) for r in rows))
+    colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
     fig, axes = plt.subplots(2, len(Ks), figsize=(6 * len(Ks), 7), squeeze=False)
     for j, K in enumerate(Ks):
         at = [r for r in rows if r["slots"] == K]
@@ -1139,13 +1176,13 @@ def plot(result: dict, path: Path) -> str | None:
                     hit = [r for r in at if (r["cap"], r["rate"]) == g and label(r) == n]
                     ys.append(hit[0].get(key) or 0 if hit else 0)
                 ax = axes[m][j]
-                ax.bar(np.arange(len(groups)) + i * w, ys, w, label=n, color=f"C{i}")
+                ax.bar(np.arange(len(groups)) + i * w, ys, w, label=n, color=colours(i % 20))
                 ax.set_xticks(np.arange(len(groups)) + 0.4 - w / 2)
                 ax.set_xticklabels([f"cap {c}\n{rt:g}/s" for c, rt in groups], fontsize=7)
                 ax.set_ylabel(ylabel, fontsize=8)
                 ax.set_title(f"K = {K} of {result['num_experts']}", fontsize=9)
         axes[0][j].axhline(1.1, color="r", ls=":", lw=0.8)
-        axes[0][j].legend(fontsize=6)
+        axes[0][j].legend(fontsize=6, ncol=2 if len(names) > 10 else 1)
     fig.suptitle(f"serve_replay, {result['model']} (times projected at {result['shape']}); red "
                  f"dotted: 10 % above Belady's MIN", fontsize=9)  # fmt: skip
     fig.tight_layout()

@@ -200,6 +200,11 @@ class CacheParams:
     # path eviction: a learned routing-path predictor (python -m bench.train_path_predictor
     # writes <model>/path_predictor.pt); "": the history alone
     path_predictor: str = ""
+    # A host-planned step that needs more experts than slots runs in waves; with an eviction
+    # that has values it keeps its best-valued experts resident (Belady's MIN's end of a step),
+    # in at most this many waves more than the fewest. 1 is the fastest projected on the serving
+    # replay; more copies fewer experts (README).
+    extra_waves: int = 1
     # Prefetch copied more bytes than it saved on the shipped model's routing
     # (bench/compare_offload.py), so it is off unless asked for.
     prefetch: str = "off"
@@ -241,6 +246,7 @@ class CacheParams:
                 f"--lynx-path-predictor {self.path_predictor}: no such file (python -m "
                 "bench.train_path_predictor --model <model> writes <model>/path_predictor.pt)"
             )
+        _at_least("extra_waves", self.extra_waves, 0)
         _choice("prefetch", self.prefetch, PREFETCHES)
         _choice("executor", self.executor, EXECUTORS)
         _choice("admission", self.admission, ADMISSIONS)
@@ -453,6 +459,8 @@ _HELP = {
     "path_decay": "path eviction: per-token decay of each running request's routing history",
     "path_predictor": "path eviction: a learned routing-path predictor file (python -m "
     "bench.train_path_predictor writes <model>/path_predictor.pt; empty: the history alone)",
+    "extra_waves": "a host-planned step that needs more experts than slots keeps its best-valued "
+    "experts (lfu, score, path) in at most this many waves more than the fewest it can run in",
     "admission": "waiting-queue order: SGLang's (fcfs), or overlap: requests whose prompt, read "
     "by each layer's router on its embeddings, routes most to the resident experts go first",
     "admission_max_passed": "overlap admission: a request passed over this many times by later "

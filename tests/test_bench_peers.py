@@ -166,6 +166,36 @@ def test_min_is_optimal_on_tiny_traces(seed):
         assert int(opt[..., MISSES].sum()) == optimal_misses(ids, 6, slots)
 
 
+def test_min_with_a_horizon_by_hand():
+    # Slots 0, 1, 2; the same trace as above. Horizon 1, step 0 (needs 3): of the residents only
+    # 0 is needed within a step, 1 and 2 tie as unused (the lower id goes): 1 is evicted. Step 2
+    # (needs 1): 2 is needed next; 3 (used at step 0) is older than 0 (step 1): 3 goes.
+    ids = one_per_step([3, 0, 1, 2, 0, 1, 3])
+    one = replay_belady(ids, num_experts=4, slots=3, horizon=1)[:, 0]
+    assert one[:, MISSES].tolist() == [1, 0, 1, 0, 0, 0, 1]
+    # Horizon 0 sees nothing ahead: least recently used first, as SGLang's LRU on this trace.
+    lru = replay_sglang_paged(ids, num_experts=4, slots=3)[:, 0]
+    assert np.array_equal(replay_belady(ids, num_experts=4, slots=3, horizon=0)[:, 0], lru)
+    with pytest.raises(ValueError):
+        replay_belady(ids, num_experts=4, slots=3, horizon=-1)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_min_with_a_horizon_spans_lru_to_min(seed):
+    ids = random_trace(seed)  # [40, 2, 4, 4]
+    opt = replay_belady(ids, num_experts=16, slots=8)
+    assert np.array_equal(replay_belady(ids, num_experts=16, slots=8, horizon=40), opt)
+    # one expert a step always fits: horizon 0 is exactly LRU
+    single = ids[:, :, :1, :1]  # [40, 2, 1, 1]
+    assert np.array_equal(
+        replay_belady(single, num_experts=16, slots=4, horizon=0),
+        replay_sglang_paged(single, num_experts=16, slots=4),
+    )
+    misses = [int(replay_belady(ids, num_experts=16, slots=8, horizon=h)[..., MISSES].sum())
+              for h in (0, 1, 4, 40)]  # fmt: skip
+    assert misses[-1] == int(opt[..., MISSES].sum()) and misses[0] > misses[-1]
+
+
 def test_slots_are_clamped_to_the_experts():
     ids = random_trace(seed=5, steps=10)
     for replay in (replay_sglang_paged, replay_belady):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from offload_helpers import H, forward, make_store, one_thread  # noqa: F401 (autouse fixture)
 
-from lynx_sglang.config import LynxConfig, SelectionParams
+from lynx_sglang.config import ConfigError, LynxConfig, SelectionParams
 from lynx_sglang.moe import fused_moe_ref, reference_kernel
 from lynx_sglang.offload import ExpertCache
 from lynx_sglang.step import Step, moe_layer_step
@@ -33,9 +33,10 @@ def resident(cache: ExpertCache, layer: int = 0) -> set[int]:
 
 
 # ---------------------------------------------------------------- exactness
+@pytest.mark.parametrize("extra_waves", [0, 1, 3])
 @pytest.mark.parametrize("slot_pool", ["layer", "shared"])
 @pytest.mark.parametrize("eviction", ["lru", "lfu", "score"])
-def test_eager_cache_equals_fully_resident_layer(eviction, slot_pool):
+def test_eager_cache_equals_fully_resident_layer(eviction, slot_pool, extra_waves):
     store, weights = make_store()
     k = 2
     # 4 slots per layer (shared: 2 per layer -> a pool of 6): many steps need waves.
@@ -47,6 +48,7 @@ def test_eager_cache_equals_fully_resident_layer(eviction, slot_pool):
         eviction=eviction,
         slot_pool=slot_pool,
         prefetch="both",
+        extra_waves=extra_waves,
     )
     for layer in range(3):
         cache.set_router(layer, torch.randn(12, H))
@@ -62,7 +64,8 @@ def test_eager_cache_equals_fully_resident_layer(eviction, slot_pool):
             assert_close(out, ref)
             c = cache.counters()["total"]
             fewest = -(-c["distinct"] // cache.num_slots)
-            assert c["waves"] <= fewest + (eviction != "lru")  # a planned step: one wave more
+            # a planned step: at most extra_waves more (LRU plans no end of step)
+            assert c["waves"] <= fewest + extra_waves * (eviction != "lru")
             assert c["misses"] == c["distinct"] - c["hits"]  # each miss loaded once
             steps, waves = steps + 1, waves + c["waves"]
     assert waves > steps  # the waves path was exercised
@@ -161,15 +164,23 @@ def test_a_multi_wave_step_leaves_the_experts_the_policy_values_most_resident():
     assert resident(cache) == {2, 4, 7, 9}  # the four valued misses stay
 
 
-def test_a_planned_multi_wave_step_keeps_the_best_valued_hit_within_one_extra_wave():
+@pytest.mark.parametrize(
+    "extra_waves, waves, kept", [(0, 2, {5, 6, 7, 9}), (1, 3, {2, 5, 6, 9}), (2, 4, {2, 3, 5, 9})]
+)
+def test_a_planned_multi_wave_step_keeps_the_best_valued_within_its_extra_waves(
+    extra_waves, waves, kept
+):
     """With values, the waves keep the best of the resident experts and the misses, as Belady's
     MIN keeps the nearest next uses: the top-valued hit (2) is never overwritten by the step's
     own fills (cutting hits-then-misses into waves would lose it). Each expert that stays
-    protects its slot, so the step keeps only as many residents as leave it within one wave of
-    the fewest (here 3 for 8 experts in 4 slots): 3 is given up for a miss. Every miss is still
-    loaded once, and the output is exact."""
+    protects its slot, so the step keeps only as many residents as leave it within
+    ``extra_waves`` of the fewest (here 2 for 8 experts in 4 slots): at one extra wave, 3 is
+    given up for a miss; at two, the four best-valued (2, 3, 9, 5) stay; at none, the plan runs
+    in the fewest waves and keeps only the valued misses of its last. Every miss is still loaded
+    once, and the output is exact."""
     store, weights = make_store(num_layers=1, num_experts=16)
-    cache = ExpertCache(store, 4, "cpu", 2, eviction="path", path_decay=0.5, max_requests=1)
+    cache = ExpertCache(store, 4, "cpu", 2, eviction="path", path_decay=0.5, max_requests=1,
+                        extra_waves=extra_waves)  # fmt: skip
     cache.prepare(0, ids([0, 1], [2, 3]))  # resident: 0, 1, 2, 3
     cache.counters(reset=True)
     # request row 1's prompt: values 2 = 3 > 9 > 5 > every other expert
@@ -182,8 +193,8 @@ def test_a_planned_multi_wave_step_keeps_the_best_valued_hit_within_one_extra_wa
     out = forward(cache, 0, x, topk_ids, topk_w)
     assert_close(out, fused_moe_ref(x, *weights[0], topk_ids, topk_w))
     c = cache.counters()["total"]
-    assert (c["waves"], c["misses"], c["hits"]) == (3, 6, 2)
-    assert resident(cache) == {2, 5, 6, 9}
+    assert (c["waves"], c["misses"], c["hits"]) == (waves, 6, 2)
+    assert resident(cache) == kept
 
 
 def test_padding_ids_stay_padding():
@@ -373,9 +384,14 @@ def test_temporal_prefetch_brings_back_the_previous_steps_set():
 
 def test_from_config_reads_the_cache_knobs():
     store, _ = make_store(num_layers=2)
-    cfg = LynxConfig(mode="offload", slots=3, eviction="lfu", slot_pool="shared", prefetch="off")
+    cfg = LynxConfig(mode="offload", slots=3, eviction="lfu", slot_pool="shared", prefetch="off",
+                     extra_waves=3)  # fmt: skip
     cache = ExpertCache.from_config(store, cfg, "cpu", top_k=2)
     assert cache.num_slots == 6 and cache.eviction == "lfu"
+    assert cache.executor.eager.extra_waves == 3
+    assert ExpertCache.from_config(store, LynxConfig(), "cpu", 2).executor.eager.extra_waves == 1
+    with pytest.raises(ConfigError, match="--lynx-extra-waves must be >= 0"):
+        LynxConfig(extra_waves=-1)
     assert ExpertCache.from_config(store, cfg.cache, "cpu", top_k=2).num_slots == 6
     assert ExpertCache.from_config(store, LynxConfig(), "cpu", 2).num_slots == 12  # slots=0: all
 

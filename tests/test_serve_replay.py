@@ -138,6 +138,13 @@ def test_min_is_a_lower_bound_of_every_policy(workload, eviction):
     row = sr.summarise(W, run, SHAPES["qwen3-30b-a3b"], W.num_layers)
     assert row["min_loads_total"] <= row["loads_total"]
     assert row["min_loads_per_decode_layer_step"] <= row["loads_per_decode_layer_step"] + 1e-9
+    # MIN seeing h steps ahead: never below MIN, and MIN itself once h spans the trace
+    ahead = row["horizon_decode_loads_over_min"]
+    assert list(ahead) == [str(h) for h in sr.HORIZONS] and min(ahead.values()) >= 1.0
+    trace = np.stack(run.needed)
+    ids = torch.from_numpy(np.where(trace, np.arange(W.num_experts), -1))[:, :, None, :]
+    whole = sr.peers.replay_belady(ids, W.num_experts, K, horizon=len(trace))
+    assert np.array_equal(whole, sr.peers.replay_belady(ids, W.num_experts, K))
     if eviction in sr.PATHS:
         per = row["path_prediction_per_layer"]
         assert len(per) == W.num_layers and all(0 <= p["recall"] <= 1 for p in per)
@@ -173,7 +180,7 @@ def test_selection_off_quality_is_exact_and_on_is_measured(workload):
 
 
 def test_quick_main_writes_a_compact_last_line(tmp_path, capsys):
-    out = sr.main(["--quick", "--out-dir", str(tmp_path), "--no-plot"])
+    out = sr.main(["--quick", "--out-dir", str(tmp_path), "--no-plot", "--extra-waves", "1,3"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert len(last.encode()) <= 2048
     head = json.loads(last)
@@ -181,6 +188,10 @@ def test_quick_main_writes_a_compact_last_line(tmp_path, capsys):
     systems = {r["system"] for r in out["rows"]}
     assert {"offload (ours)", "sglang paged experts", "lynx+offload"} <= systems
     assert all(r["min_loads_total"] <= r["loads_total"] for r in out["rows"])
+    # each valued eviction runs at every --extra-waves value, LRU (no planned end) at the first
+    ours = [r for r in out["rows"] if r["system"] == "offload (ours)"]
+    waves = {(r["eviction"], r["extra_waves"]) for r in ours}
+    assert ("path", 3) in waves and ("path", 1) in waves and ("lru", 3) not in waves
     assert (tmp_path / "serve_replay_quick.json").exists()
 
 

@@ -84,6 +84,7 @@ class ExpertCache:
         path_decay: float = 0.95,
         max_requests: int = 0,
         path_predictor: PathPredictor | None = None,
+        extra_waves: int = 1,
     ) -> None:
         L, E = store.num_layers, store.num_experts
         if top_k < 1 or top_k > E:
@@ -135,6 +136,7 @@ class ExpertCache:
             transfer = TransferEngine(self.device, num_pools * pool_size)
             self.executor = eager = EagerExecutor(
                 store, self.slots, transfer, policy("numpy"), self._counters, top_k, prefetch,
+                extra_waves,
             )  # fmt: skip
         if executor in ("graph", "hybrid"):  # device planning: its tensors are the state
             self.executor = device = GraphExecutor(
@@ -168,6 +170,7 @@ class ExpertCache:
             lfu_decay=c.lfu_decay,
             path_decay=c.path_decay,
             path_predictor=predictor,
+            extra_waves=c.extra_waves,
             slot_pool=c.slot_pool,
             executor=c.executor,
             prefetch=c.prefetch,

@@ -50,8 +50,12 @@ class EagerExecutor:
         counters: Counters,
         top_k: int,
         prefetch: str,
+        extra_waves: int = 1,
     ) -> None:
+        if extra_waves < 0:
+            raise ValueError(f"--lynx-extra-waves must be >= 0, got {extra_waves}")
         self.store, self.slots, self.transfer = store, slots, transfer
+        self.extra_waves = extra_waves  # a planned step: at most this many waves over the fewest
         self.eviction_policy, self.counters = eviction_policy, counters
         self.top_k, self.prefetch_mode = top_k, prefetch
         self.L, self.E, self.K = store.num_layers, store.num_experts, slots.pool_size
@@ -190,8 +194,8 @@ class EagerExecutor:
         requests' predicted routing, with ``path``) are kept, ``stay``, and never evicted by
         the step's own fills. The others run first, through the slots ``stay`` leaves free.
         The fewer the misses among ``stay``, the fewer those slots and the more waves, so at
-        least ``m`` misses stay, the smallest ``m`` that keeps the step within one wave more
-        than the fewest it can run in. Returns (waves, stay), ``stay`` = (the misses that stay,
+        least ``m`` misses stay, the smallest ``m`` that keeps the step within ``extra_waves``
+        waves more than the fewest it can run in (``--lynx-extra-waves``). Returns (waves, stay), ``stay`` = (the misses that stay,
         the held slots that stay [K + 1] bool), or None.
         """
         hits, misses = needed[resident], needed[~resident]
@@ -227,9 +231,9 @@ class EagerExecutor:
 
         fewest = -(-(n_hit + n_miss) // C)
         lo, hi = max(1, misses0), min(n_miss, C)
-        while lo < hi:  # the fewest staying misses within one extra wave (monotone in m)
+        while lo < hi:  # the fewest staying misses within the extra waves (monotone in m)
             mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if len(loads(mid)) <= fewest + 1 else (mid + 1, hi)
+            lo, hi = (lo, mid) if len(loads(mid)) <= fewest + self.extra_waves else (mid + 1, hi)
         stay = np.zeros(len(rank), dtype=bool)
         stay[:C] = True
         stay[dropped[: lo - misses0]] = False

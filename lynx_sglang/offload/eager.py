@@ -195,8 +195,8 @@ class EagerExecutor:
         the step's own fills. The others run first, through the slots ``stay`` leaves free.
         The fewer the misses among ``stay``, the fewer those slots and the more waves, so at
         least ``m`` misses stay, the smallest ``m`` that keeps the step within ``extra_waves``
-        waves more than the fewest it can run in (``--lynx-extra-waves``). Returns (waves, stay), ``stay`` = (the misses that stay,
-        the held slots that stay [K + 1] bool), or None.
+        waves more than the fewest it can run in (``--lynx-extra-waves``). Returns (waves,
+        stay), ``stay`` = (the misses that stay, the held slots that stay [K + 1] bool), or None.
         """
         hits, misses = needed[resident], needed[~resident]
         value = self.eviction_policy.value(np.full(len(misses), layer), misses)

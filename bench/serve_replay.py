@@ -1137,12 +1137,18 @@ def compact(result: dict, path: Path) -> dict:
     """The last stdout line (at most 2 KB): per K and cap at the queueing rate, decode loads over
     MIN of each eviction, and the lynx+offload quality verdicts."""
     top = max(result["rates"])
+    first = result["extra_waves"][0]  # other --extra-waves values: only the best row per setting
     head = {}
     for r in result["rows"]:
         if r["rate"] != top:
             continue
         key = f"K={r['slots']},cap={r['cap']}"
-        head.setdefault(key, {})[label(r)] = r.get("decode_loads_over_min")
+        ratio = r.get("decode_loads_over_min")
+        if r["extra_waves"] in (first, 0):  # 0: SGLang's row
+            head.setdefault(key, {})[label(r)] = ratio
+        best = head.setdefault(key, {}).get("best")
+        if ratio is not None and (best is None or ratio < best[1]):
+            head[key]["best"] = [label(r), ratio]
     verdicts = sorted({r["quality_verdict"] for r in result["rows"] if r["selection"]})
     return {"bench": "serve_replay", "time_source": "projected", "model": result["model"],
             "shape": result["shape"], "requests": result["requests"], "rate": top,

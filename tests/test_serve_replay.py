@@ -192,6 +192,11 @@ def test_quick_main_writes_a_compact_last_line(tmp_path, capsys):
     ours = [r for r in out["rows"] if r["system"] == "offload (ours)"]
     waves = {(r["eviction"], r["extra_waves"]) for r in ours}
     assert ("path", 3) in waves and ("path", 1) in waves and ("lru", 3) not in waves
+    # the last line names the other values' rows only through each setting's best
+    for setting in head["decode_loads_over_min"].values():
+        assert not any("waves3" in name for name in setting if name != "best")
+        label, ratio = setting["best"]
+        assert ratio == min(v for k, v in setting.items() if k != "best") or "waves3" in label
     assert (tmp_path / "serve_replay_quick.json").exists()
 
 
